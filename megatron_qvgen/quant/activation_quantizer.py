@@ -14,9 +14,8 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron_qvgen.config import QuantConfig
-from megatron_qvgen.quant.ste import round_ste
-from megatron_qvgen.quant.tp_reduce import row_max, row_min, sum_grad_over_group
-from qvgen_kernels import codes
+from megatron_qvgen.quant.fake_quant import fake_quant_activation
+from megatron_qvgen.quant.tp_reduce import sum_grad_over_group
 
 
 class ActivationQuantizer(nn.Module):
@@ -41,12 +40,7 @@ class ActivationQuantizer(nn.Module):
         """``row_group``: TP group when each token's row is split across it (row-parallel input);
         ``grad_group``: TP group over which the clip logits' gradient must be summed."""
         a_lo, a_hi = self.clip_factors(groups, grad_group)
-        xf = x.float()
-        lo, hi = codes.act_clip_range(xf, self.clip_ratio, a_lo, a_hi,
-                                      rowmin=row_min(xf, row_group), rowmax=row_max(xf, row_group))
-        scale, zero = codes.act_qparams(lo, hi, self.bits)
-        q = codes.act_codes(xf, scale, zero, self.bits, round_fn=round_ste)
-        return codes.act_dequant(q, scale, zero).to(x.dtype)
+        return fake_quant_activation(x, a_lo, a_hi, self.clip_ratio, self.bits, row_group)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, clip_ratio={self.clip_ratio}, groups={self.num_groups}"

@@ -128,14 +128,15 @@ class _QuantLinearMixin:
                                  self.aux_R.new_zeros(rank, self.aux_R.shape[1]))
 
     # ------------------------------------------------------------------ forward
-    def effective_weight(self, weight: torch.Tensor) -> torch.Tensor:
+    def effective_weight(self, weight: torch.Tensor, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """``Qw(W) + (gamma * L) @ R`` for this shard (float32 unless ``out_dtype``)."""
         group = self._tp_group_if_split
-        wq = self.weight_quantizer(weight, replicated_group=None if self._rows_split else group)
+        aux_l = aux_r = None
         if self.has_aux:
-            l_fac = sum_grad_over_group(self.aux_L, None if self._rows_split else group)
-            r_fac = sum_grad_over_group(self.aux_R, group if self._rows_split else None)
-            wq = wq + (l_fac.float() * self.aux_gamma()) @ r_fac.float()
-        return wq
+            aux_l = sum_grad_over_group(self.aux_L, None if self._rows_split else group).float() * self.aux_gamma()
+            aux_r = sum_grad_over_group(self.aux_R, group if self._rows_split else None)
+        return self.weight_quantizer(weight, replicated_group=None if self._rows_split else group,
+                                     aux_l=aux_l, aux_r=aux_r, out_dtype=out_dtype)
 
     def _quantized_forward_impl(self, input, weight, parent_impl, *args, **kwargs):
         if not self.quantized:
@@ -153,7 +154,7 @@ class _QuantLinearMixin:
         group = self._tp_group_if_split
         xq = self.act_quantizer(input, groups, row_group=None if self._rows_split else group,
                                 grad_group=group if self._act_grad_partial else None)
-        return parent_impl(xq, self.effective_weight(weight).to(input.dtype), *args, **kwargs)
+        return parent_impl(xq, self.effective_weight(weight, out_dtype=input.dtype), *args, **kwargs)
 
     # ------------------------------------------------------------------ checkpoint
     def _quant_sharded_state_dict(self, prefix, sharded_offsets, metadata, split_axis_map):

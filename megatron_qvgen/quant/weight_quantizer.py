@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron_qvgen.config import QuantConfig
-from megatron_qvgen.quant.ste import round_ste, scale_grad
+from megatron_qvgen.quant.fake_quant import fake_quant_weight
 from megatron_qvgen.quant.tp_reduce import all_reduce_sum, group_size, sum_grad_over_group
 from qvgen_kernels import codes
 
@@ -30,13 +30,15 @@ class LSQPlusWeightQuantizer(nn.Module):
         self.zero_point = nn.Parameter(torch.zeros(out_rows, 1, dtype=torch.float32, device=device))
         self.grad_factor = (1.0 / math.sqrt(in_features * codes.qmax(self.bits))) if quant.lsq_grad_scaling else 1.0
 
-    def forward(self, weight: torch.Tensor, replicated_group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
-        """Fake-quantised weight in float32. ``replicated_group``: TP group when scale/zero are replicated
-        but each rank holds part of their row (row-parallel): their gradients are summed over it."""
-        scale = scale_grad(sum_grad_over_group(self.scale, replicated_group), self.grad_factor)
-        zero = scale_grad(sum_grad_over_group(self.zero_point, replicated_group), self.grad_factor)
-        q = codes.weight_codes(weight, scale, zero, self.bits, round_fn=round_ste)
-        return codes.weight_dequant(q, scale, zero)
+    def forward(self, weight: torch.Tensor, replicated_group: Optional[dist.ProcessGroup] = None,
+                aux_l: Optional[torch.Tensor] = None, aux_r: Optional[torch.Tensor] = None,
+                out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """``Qw(W) [+ aux_l @ aux_r]`` (float32 unless ``out_dtype``). ``replicated_group``: TP group when
+        scale/zero are replicated but each rank holds part of their row (row-parallel): their gradients
+        are summed over it."""
+        scale = sum_grad_over_group(self.scale, replicated_group)
+        zero = sum_grad_over_group(self.zero_point, replicated_group)
+        return fake_quant_weight(weight, scale, zero, self.bits, self.grad_factor, aux_l, aux_r, out_dtype)
 
     @torch.no_grad()
     def quantize_exact(self, weight: torch.Tensor) -> torch.Tensor:
