@@ -1,0 +1,75 @@
+"""The quantized GEMM's integer math, its weight operand, and the torch path for machines without a GPU.
+
+For activation codes ``qa`` (per-token scale ``s_a``, integer zero ``z_a``) and weight codes ``qw``
+(per-output-channel scale ``s_w``, float zero ``z_w``), ``x_hat @ w_hat.T`` is
+
+    y = s_a * s_w * (sum_k qa*qw - z_w * sum_k qa - z_a * sum_k qw + K * z_a * z_w)
+      = s_a * s_w * (I1 - z_w * I2),  I1 = sum_k qa*qw - z_a * colsum(qw),  I2 = rowsum(qa) - K * z_a,
+
+where I1 and I2 are exact integers (z_a is an integer). Both the Triton kernel and :func:`quant_matmul_torch`
+evaluate the second form: the only rounding is in three float32 operations of the epilogue.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from . import codes
+from .act_quant import QuantizedActivations
+
+# fp32 sums of integer products are exact while every partial sum stays below 2**24.
+_FP32_EXACT_LIMIT = 2 ** 24
+
+
+@dataclass
+class PackedWeight:
+    """The weight operand: packed codes (two a byte along K), scale, float zero point and column sums."""
+    packed: torch.Tensor    # uint8 [N, ceil(K / 2)]
+    scale: torch.Tensor     # float32 [N]
+    zero: torch.Tensor      # float32 [N]
+    colsum: torch.Tensor    # int32 [N], sum over K of the codes
+    in_features: int
+    bits: int
+
+    @classmethod
+    def from_packed(cls, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, in_features: int,
+                    bits: int) -> "PackedWeight":
+        if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.shape[1] != (in_features + 1) // 2:
+            raise ValueError(f"packed weight codes must be uint8 [out, ceil({in_features} / 2)], "
+                             f"got {packed.dtype} {list(packed.shape)}")
+        colsum = codes.unpack_codes(packed, in_features).sum(dim=1, dtype=torch.int32)
+        return cls(packed=packed.contiguous(), scale=scale.float().reshape(-1).contiguous(),
+                   zero=zero.float().reshape(-1).contiguous(), colsum=colsum, in_features=in_features,
+                   bits=codes.check_bits(bits))
+
+    @property
+    def out_features(self) -> int:
+        return self.packed.shape[0]
+
+    def unpacked(self, dtype: torch.dtype = torch.int8) -> torch.Tensor:
+        """Codes [N, K] in ``dtype`` (torch ops; the Triton runtime uses ``qgemm_triton.unpack_weight``)."""
+        return codes.unpack_codes(self.packed, self.in_features).to(dtype)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.scale, self.zero, self.colsum))
+
+
+def quant_matmul_torch(act: QuantizedActivations, weight: PackedWeight, bias: Optional[torch.Tensor] = None,
+                       out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Exact integer math in torch ops: ``I1`` by an fp32 matmul of small integers (exact), fp32 epilogue."""
+    K = weight.in_features
+    if act.codes.shape[1] != K:
+        raise ValueError(f"activation has {act.codes.shape[1]} features, weight expects {K}")
+    top_a, top_w = codes.qmax(act.bits), codes.qmax(weight.bits)
+    centered = act.codes.float() - act.zero[:, None]          # qa - z_a, integers in [-qmax, qmax]
+    qw = weight.unpacked(torch.float32).to(centered.device)
+    exact_dtype = torch.float32 if top_a * top_w * K < _FP32_EXACT_LIMIT else torch.float64
+    i1 = (centered.to(exact_dtype) @ qw.to(exact_dtype).T).float()    # = sum qa*qw - z_a * colsum
+    i2 = (act.rowsum - K * act.zero.to(torch.int32)).float()
+    s = act.scale[:, None] * weight.scale[None, :]
+    y = s * (i1 - weight.zero[None, :] * i2[:, None])
+    if bias is not None:
+        y = y + bias.float()[None, :]
+    return y.to(out_dtype)

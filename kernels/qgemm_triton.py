@@ -1,0 +1,285 @@
+"""Triton kernel (b): W4A4 / W3A3 GEMM on 8-bit tensor cores, zero-point corrections and bias in the epilogue.
+
+Codes 0..15 are exact in int8 and in fp8 e4m3, so the product of two code matrices runs on Hopper's 8-bit
+``wgmma``; int8 accumulates in int32 (exact), fp8 in float32. The epilogue turns the integer sums into
+``s_a * s_w * (I1 - z_w * I2) + bias`` (see ``qgemm``) and writes bf16.
+
+Variants (``GemmConfig.variant``), measured against each other in benchmarks/kernels:
+- ``"ptr"``: tiles loaded through pointers; the weight operand is either the unpacked int8/fp8 codes
+  [N, K] or, with ``packed_b``, the packed bytes [N, K/2] unpacked in the kernel.
+- ``"tma"``: tiles loaded by the tensor-memory accelerator (host tensor descriptors), one tile a program.
+- ``"tma_persistent"``: the same with one program per SM walking over output tiles.
+The reduction length K is a compile-time constant (constant trip count for the pipeliner; also, loops
+with run-time bounds do not run in Triton 3.6's interpreter under numpy >= 2.4).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from .act_quant import QuantizedActivations
+from .qgemm import PackedWeight
+
+VARIANTS = ("ptr", "tma", "tma_persistent")
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    block_m: int = 128
+    block_n: int = 256
+    block_k: int = 128
+    group_m: int = 8
+    num_warps: int = 8
+    num_stages: int = 3
+    variant: str = "ptr"
+    packed_b: bool = False   # ptr variant only: read the packed weight bytes and unpack them in the kernel
+
+    def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise ValueError(f"GemmConfig.variant must be one of {VARIANTS}, got {self.variant!r}")
+        if self.packed_b and self.variant != "ptr":
+            raise ValueError("packed_b is implemented for the 'ptr' variant only")
+        for name in ("block_m", "block_n", "block_k"):
+            v = getattr(self, name)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"GemmConfig.{name} must be a power of two >= 16, got {v}")
+
+
+def default_config(M: int, N: int, K: int) -> GemmConfig:
+    """Tile shape by problem size (tuned on H100, benchmarks/kernels/RESULTS.md)."""
+    if M <= 64:
+        return GemmConfig(block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=4)
+    if N <= 128:
+        return GemmConfig(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=4)
+    return GemmConfig()
+
+
+# ------------------------------------------------------------------------------------------ epilogue
+@triton.jit
+def _epilogue(acc, offs_m, offs_n, M, N, c_ptr, stride_cm, a_scale_ptr, a_zero_ptr, a_rowsum_ptr,
+              w_scale_ptr, w_zero_ptr, w_colsum_ptr, bias_ptr, K: tl.constexpr, HAS_BIAS: tl.constexpr):
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    za = tl.load(a_zero_ptr + offs_m, mask=mask_m, other=0.0).to(tl.int32)
+    sa = tl.load(a_scale_ptr + offs_m, mask=mask_m, other=0.0)
+    rowsum = tl.load(a_rowsum_ptr + offs_m, mask=mask_m, other=0)
+    sw = tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0.0)
+    zw = tl.load(w_zero_ptr + offs_n, mask=mask_n, other=0.0)
+    colsum = tl.load(w_colsum_ptr + offs_n, mask=mask_n, other=0)
+    # I1 = sum qa*qw - z_a * colsum(qw), I2 = rowsum(qa) - K * z_a: exact integers
+    i1 = acc.to(tl.int32) - za[:, None] * colsum[None, :]
+    i2 = rowsum - K * za
+    y = (sa[:, None] * sw[None, :]) * (i1.to(tl.float32) - zw[None, :] * i2.to(tl.float32)[:, None])
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _tile_coords(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped ordering: GROUP_M row-tiles share each column of weight tiles while it is in L2."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_pid_n
+    first_m = (tile // per_group) * GROUP_M
+    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (tile % per_group) % group_size
+    pid_n = (tile % per_group) // group_size
+    return pid_m, pid_n
+
+
+@triton.jit
+def _dot(a, b, acc, FP8: tl.constexpr, FP8_PROMOTE_EVERY: tl.constexpr):
+    if FP8 and FP8_PROMOTE_EVERY > 0:
+        return tl.dot(a, b, acc, max_num_imprecise_acc=FP8_PROMOTE_EVERY, out_dtype=tl.float32)
+    return tl.dot(a, b, acc, out_dtype=tl.float32 if FP8 else tl.int32)
+
+
+# ------------------------------------------------------------------------------------------ ptr variant
+@triton.jit
+def _gemm_ptr_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, a_zero_ptr, a_rowsum_ptr, w_scale_ptr, w_zero_ptr,
+                     w_colsum_ptr, bias_ptr, M, N, stride_am, stride_bn, stride_cm,
+                     K: tl.constexpr, HAS_BIAS: tl.constexpr, PACKED_B: tl.constexpr, FP8: tl.constexpr,
+                     FP8_PROMOTE_EVERY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = (offs_m % M).to(tl.int64)     # wrapped: out-of-range rows/columns read valid memory, never stored
+    cols = (offs_n % N).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :]
+    if PACKED_B:
+        offs_kp = tl.arange(0, BLOCK_K // 2)
+        b_ptrs = b_ptr + cols[None, :] * stride_bn + offs_kp[:, None]      # [BLOCK_K / 2, BLOCK_N] bytes
+    else:
+        b_ptrs = b_ptr + cols[None, :] * stride_bn + offs_k[:, None]       # [BLOCK_K, BLOCK_N] codes
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32 if FP8 else tl.int32)
+    for kt in range(tl.cdiv(K, BLOCK_K)):
+        k_left = K - kt * BLOCK_K
+        if K % BLOCK_K == 0:
+            a = tl.load(a_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0)
+        if PACKED_B:
+            p = tl.load(b_ptrs, mask=2 * offs_kp[:, None] < k_left, other=0)
+            # byte j holds codes 2j (low nibble) and 2j+1 (high nibble)
+            pair = tl.join((p & 0x0F).to(tl.int8), (p >> 4).to(tl.int8))           # [BK/2, BN, 2]
+            b = tl.reshape(tl.permute(pair, (0, 2, 1)), (BLOCK_K, BLOCK_N))
+            b_ptrs += BLOCK_K // 2
+        else:
+            if K % BLOCK_K == 0:
+                b = tl.load(b_ptrs)
+            else:
+                b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0)
+            b_ptrs += BLOCK_K
+        acc = _dot(a, b, acc, FP8, FP8_PROMOTE_EVERY)
+        a_ptrs += BLOCK_K
+    _epilogue(acc, offs_m, offs_n, M, N, c_ptr, stride_cm, a_scale_ptr, a_zero_ptr, a_rowsum_ptr,
+              w_scale_ptr, w_zero_ptr, w_colsum_ptr, bias_ptr, K, HAS_BIAS)
+
+
+# ------------------------------------------------------------------------------------------ TMA variants
+@triton.jit
+def _gemm_tma_kernel(a_desc, b_desc, c_ptr, a_scale_ptr, a_zero_ptr, a_rowsum_ptr, w_scale_ptr, w_zero_ptr,
+                     w_colsum_ptr, bias_ptr, M, N, stride_cm,
+                     K: tl.constexpr, HAS_BIAS: tl.constexpr, FP8: tl.constexpr, FP8_PROMOTE_EVERY: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    off_m = pid_m * BLOCK_M
+    off_n = pid_n * BLOCK_N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32 if FP8 else tl.int32)
+    for kt in range(tl.cdiv(K, BLOCK_K)):
+        a = a_desc.load([off_m, kt * BLOCK_K])      # out-of-bounds elements read as zero
+        b = b_desc.load([off_n, kt * BLOCK_K])
+        acc = _dot(a, b.T, acc, FP8, FP8_PROMOTE_EVERY)
+    _epilogue(acc, off_m + tl.arange(0, BLOCK_M), off_n + tl.arange(0, BLOCK_N), M, N, c_ptr, stride_cm,
+              a_scale_ptr, a_zero_ptr, a_rowsum_ptr, w_scale_ptr, w_zero_ptr, w_colsum_ptr, bias_ptr, K, HAS_BIAS)
+
+
+@triton.jit
+def _gemm_tma_persistent_kernel(a_desc, b_desc, c_ptr, a_scale_ptr, a_zero_ptr, a_rowsum_ptr, w_scale_ptr,
+                                w_zero_ptr, w_colsum_ptr, bias_ptr, M, N, stride_cm, num_programs,
+                                K: tl.constexpr, HAS_BIAS: tl.constexpr, FP8: tl.constexpr,
+                                FP8_PROMOTE_EVERY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    tile = tl.program_id(0)
+    while tile < num_tiles:
+        pid_m, pid_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32 if FP8 else tl.int32)
+        for kt in range(tl.cdiv(K, BLOCK_K)):
+            a = a_desc.load([off_m, kt * BLOCK_K])
+            b = b_desc.load([off_n, kt * BLOCK_K])
+            acc = _dot(a, b.T, acc, FP8, FP8_PROMOTE_EVERY)
+        _epilogue(acc, off_m + tl.arange(0, BLOCK_M), off_n + tl.arange(0, BLOCK_N), M, N, c_ptr, stride_cm,
+                  a_scale_ptr, a_zero_ptr, a_rowsum_ptr, w_scale_ptr, w_zero_ptr, w_colsum_ptr, bias_ptr, K,
+                  HAS_BIAS)
+        tile += num_programs
+
+
+# ------------------------------------------------------------------------------------------ weight unpack
+@triton.jit
+def _unpack_kernel(packed_ptr, out_ptr, N, stride_p, stride_o, K: tl.constexpr, TO_FP8: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_j = tl.program_id(1) * BLOCK_KP + tl.arange(0, BLOCK_KP)
+    p = tl.load(packed_ptr + offs_n.to(tl.int64)[:, None] * stride_p + offs_j[None, :],
+                mask=(offs_n[:, None] < N) & (offs_j[None, :] < (K + 1) // 2), other=0)
+    pair = tl.join(p & 0x0F, p >> 4)                                   # [BLOCK_N, BLOCK_KP, 2]
+    q = tl.reshape(pair, (BLOCK_N, 2 * BLOCK_KP))
+    offs_k = tl.program_id(1) * 2 * BLOCK_KP + tl.arange(0, 2 * BLOCK_KP)
+    mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+    ptrs = out_ptr + offs_n.to(tl.int64)[:, None] * stride_o + offs_k[None, :]
+    if TO_FP8:
+        tl.store(ptrs, q.to(tl.float32).to(tl.float8e4nv), mask=mask)
+    else:
+        tl.store(ptrs, q.to(tl.int8), mask=mask)
+
+
+def unpack_weight(weight: PackedWeight, dtype: torch.dtype = torch.int8,
+                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Codes [N, K] in int8 or float8 e4m3, written into ``out`` (a reusable workspace) when given."""
+    if dtype not in (torch.int8, torch.float8_e4m3fn):
+        raise ValueError(f"unpack dtype must be int8 or float8_e4m3fn, got {dtype}")
+    N, K = weight.out_features, weight.in_features
+    if out is None:
+        out = torch.empty((N, K), dtype=dtype, device=weight.packed.device)
+    elif out.shape != (N, K) or out.dtype != dtype or out.stride(-1) != 1:
+        raise ValueError(f"workspace must be {dtype} [{N}, {K}] with contiguous rows")
+    block_n, block_kp = 32, 64
+    grid = (triton.cdiv(N, block_n), triton.cdiv((K + 1) // 2, block_kp))
+    _unpack_kernel[grid](weight.packed, out, N, weight.packed.stride(0), out.stride(0), K=K,
+                         TO_FP8=dtype == torch.float8_e4m3fn, BLOCK_N=block_n, BLOCK_KP=block_kp, num_warps=4)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ launcher
+_NUM_SMS: dict = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    if device.index not in _NUM_SMS:
+        _NUM_SMS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _NUM_SMS[device.index]
+
+
+def quant_matmul_triton(act: QuantizedActivations, weight: PackedWeight, weight_codes: Optional[torch.Tensor] = None,
+                        bias: Optional[torch.Tensor] = None, out_dtype: torch.dtype = torch.bfloat16,
+                        config: Optional[GemmConfig] = None, fp8_promote_every: int = 0) -> torch.Tensor:
+    """``x_hat @ w_hat.T + bias`` from activation codes and weight codes.
+
+    ``weight_codes``: the unpacked codes [N, K] in the activation codes' dtype (int8 or float8 e4m3), e.g.
+    from :func:`unpack_weight`; None with ``config.packed_b`` reads ``weight.packed`` directly.
+    ``fp8_promote_every``: for fp8 codes, how many K products the tensor cores may accumulate before the sum
+    is promoted to full float32 (0 = Triton's default, never on Hopper).
+    """
+    a = act.codes
+    M, K = a.shape
+    N = weight.out_features
+    if K != weight.in_features:
+        raise ValueError(f"activation has {K} features, weight expects {weight.in_features}")
+    config = config or default_config(M, N, K)
+    fp8 = a.dtype == torch.float8_e4m3fn
+    if config.packed_b:
+        if fp8:
+            raise ValueError("packed_b unpacks to int8; it needs int8 activation codes")
+        b = weight.packed
+    else:
+        if weight_codes is None or weight_codes.shape != (N, K) or weight_codes.dtype != a.dtype:
+            raise ValueError(f"weight_codes must be {a.dtype} [{N}, {K}] (see unpack_weight)")
+        b = weight_codes
+    if a.stride(-1) != 1 or b.stride(-1) != 1:
+        raise ValueError("codes must have contiguous rows")
+    out = torch.empty((M, N), dtype=out_dtype, device=a.device)
+    if M == 0:
+        return out
+    has_bias = bias is not None
+    bias_arg = bias if has_bias else weight.scale     # never read when HAS_BIAS is False
+    epi = (act.scale, act.zero, act.rowsum, weight.scale, weight.zero, weight.colsum, bias_arg)
+    meta = dict(K=K, HAS_BIAS=has_bias, FP8=fp8, FP8_PROMOTE_EVERY=fp8_promote_every,
+                BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
+                num_warps=config.num_warps, num_stages=config.num_stages)
+    tiles = triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n)
+    if config.variant == "ptr":
+        _gemm_ptr_kernel[(tiles,)](a, b, out, *epi, M, N, a.stride(0), b.stride(0), out.stride(0),
+                                   PACKED_B=config.packed_b, **meta)
+        return out
+    a_desc = TensorDescriptor(a, [M, K], [a.stride(0), 1], [config.block_m, config.block_k])
+    b_desc = TensorDescriptor(b, [N, K], [b.stride(0), 1], [config.block_n, config.block_k])
+    if config.variant == "tma":
+        _gemm_tma_kernel[(tiles,)](a_desc, b_desc, out, *epi, M, N, out.stride(0), **meta)
+    else:
+        programs = min(tiles, _num_sms(a.device))
+        _gemm_tma_persistent_kernel[(programs,)](a_desc, b_desc, out, *epi, M, N, out.stride(0), programs, **meta)
+    return out

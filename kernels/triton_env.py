@@ -1,0 +1,26 @@
+"""Whether the Triton kernels can run here: on a CUDA device, or on CPU through Triton's interpreter.
+
+The interpreter is chosen when a function is decorated, so ``TRITON_INTERPRET=1`` must be set before
+``triton`` is first imported (megatron-core imports it): set afterwards, triton's own library functions
+(``tl.min``, ``tl.sum``) stay compiled-only and an interpreted kernel fails when it calls them.
+"""
+from __future__ import annotations
+
+import os
+
+
+def interpreter_requested() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def interpreter_active() -> bool:
+    """True when triton's library functions were decorated for the interpreter (they run on CPU tensors)."""
+    if not interpreter_requested():
+        return False
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+    return isinstance(tl.standard.max, InterpretedFunction)
+
+
+INTERPRETER_HINT = ("set TRITON_INTERPRET=1 before triton is first imported (tests/conftest.py imports "
+                    "megatron.core, which imports triton)")
