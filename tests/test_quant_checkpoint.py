@@ -58,6 +58,10 @@ def _save_trained(rank, world, path):
     return {"params": _local_params(pair), "y": y, "rank": torch.tensor(pair.col.aux_rank)}
 
 
+def _active_ranks(pair):
+    return torch.tensor([pair.col.aux_rank, pair.row.aux_rank])
+
+
 def _load_and_compare(rank, world, path, full_params, gate):
     from megatron.core import parallel_state as ps
 
@@ -79,11 +83,13 @@ def _load_and_compare(rank, world, path, full_params, gate):
             split = SPLIT[name]
             full = full_params[name]
             p.copy_(full if split is None else full.chunk(world, dim=split)[tp])
-        direct.col.quant_initialized.fill_(True)
-        direct.row.quant_initialized.fill_(True)
+        for layer in (direct.col, direct.row):
+            layer.quant_initialized.fill_(True)
+            layer.set_active_rank(4)
     with quant_context(timestep_groups=torch.tensor([5, 6, 7]), aux_gate=gate):
         y_loaded, y_direct = loaded(_x()).detach(), direct(_x()).detach()
-    return {"params": _local_params(loaded), "y_loaded": y_loaded, "y_direct": y_direct}
+    return {"params": _local_params(loaded), "y_loaded": y_loaded, "y_direct": y_direct,
+            "ranks": _active_ranks(loaded)}
 
 
 def _local_params_refs(pair):
@@ -106,6 +112,7 @@ def test_save_tp2_load_tp1_and_tp4_bit_identical(tmp_path):
         for name in full:
             assert torch.equal(_assemble(results, name), full[name]), f"TP={world}: {name} changed in the round trip"
         for r in results:
+            assert r["ranks"].tolist() == [4, 4], "the active rank did not come back from the checkpoint"
             assert torch.equal(r["y_loaded"], r["y_direct"]), f"TP={world}: loaded model's output differs"
         torch.testing.assert_close(results[0]["y_loaded"], saved[0]["y"], rtol=1e-5, atol=1e-6)
 
@@ -131,8 +138,8 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
     with pytest.raises(DistributedTestError, match="not a complete qvgen checkpoint"):
         run_distributed(_load_into, 1, str(incomplete), QUANT)
     path = str(tmp_path / "ckpt")
-    run_distributed(_save_trained, 1, path)  # saved at aux rank 4
-    # a model whose auxiliary factors still have rank 8 does not match
+    run_distributed(_save_trained, 1, path)  # r0 = 8 storage
+    # a model built with another r0 does not match
     with pytest.raises(DistributedTestError, match="does not match the model.*shape mismatch.*aux_L"):
-        run_distributed(_load_into, 1, path, QUANT)
+        run_distributed(_load_into, 1, path, QuantConfig.for_method("qvgen", "w4a4", aux_rank=16))
     assert os.path.isdir(path), "a failed load must not touch the checkpoint"

@@ -52,9 +52,14 @@ class _QuantLinearMixin:
         self.weight_quantizer = LSQPlusWeightQuantizer(out_rows, self.input_size, quant, device=device)
         self.act_quantizer = ActivationQuantizer(quant, device=device)
         if quant.aux_rank > 0:
+            # Fixed r0-wide storage; the active rank lives in a (persisted) buffer and decays in place, so
+            # parameter objects -- and megatron DDP's grad buffers -- stay put until rank 0 deletes them.
             dtype = self.weight.dtype
             self.aux_L = nn.Parameter(torch.zeros(out_rows, quant.aux_rank, dtype=dtype, device=device))
             self.aux_R = nn.Parameter(torch.zeros(quant.aux_rank, in_cols, dtype=dtype, device=device))
+            self.register_buffer("aux_active_rank", torch.tensor(quant.aux_rank, dtype=torch.long, device=device))
+            self._active_rank = quant.aux_rank  # host mirror: reading the buffer would sync the GPU every forward
+            self.register_load_state_dict_post_hook(lambda module, _keys: module._sync_active_rank())
         # Persisted: a checkpoint records whether PTQ initialisation (clip search + SVD) has happened.
         self.register_buffer("quant_initialized", torch.zeros((), dtype=torch.bool, device=device))
 
@@ -65,14 +70,23 @@ class _QuantLinearMixin:
 
     @property
     def aux_rank(self) -> int:
-        return self.aux_L.shape[1] if self.has_aux else 0
+        """The active rank r (columns beyond it are zero and excluded from the forward)."""
+        return self._active_rank if self.has_aux else 0
+
+    def set_active_rank(self, rank: int) -> None:
+        self.aux_active_rank.fill_(rank)
+        self._active_rank = rank
+
+    def _sync_active_rank(self) -> None:
+        if self.quantized and hasattr(self, "aux_active_rank"):
+            self._active_rank = int(self.aux_active_rank)
 
     @property
     def _tp_group_if_split(self):
         return self.tp_group if group_size(self.tp_group) > 1 else None
 
     def aux_gamma(self) -> torch.Tensor:
-        """gamma of QVGEN.md: 1 for the kept columns, the context's gate u for the decaying last ones."""
+        """gamma over the active rank: 1 for the kept columns, the context's gate u for the decaying last ones."""
         rank = self.aux_rank
         keep = self.quant.kept_rank(rank) if self.quant.rank_decay else rank
         gamma = torch.ones(rank, dtype=torch.float32, device=self.aux_L.device)
@@ -98,43 +112,34 @@ class _QuantLinearMixin:
         self.weight_quantizer.initialize(self.weight, row_group=None if self._rows_split else group)
         if self.has_aux:
             error = self.weight.float() - self.weight_quantizer.quantize_exact(self.weight)
-            l_local, r_local, _ = truncated_svd(error, self.aux_rank, shard_dim=0 if self._rows_split else 1,
-                                                group=group)
+            rank = self.aux_L.shape[1]
+            l_local, r_local, _ = truncated_svd(error, rank, shard_dim=0 if self._rows_split else 1, group=group)
             self.aux_L.copy_(l_local)
             self.aux_R.copy_(r_local)
+            self.set_active_rank(rank)
         self.quant_initialized.fill_(True)
 
     # ------------------------------------------------------------------ auxiliary factors
-    def set_aux_factors(self, l_local: Optional[torch.Tensor], r_local: Optional[torch.Tensor]) -> None:
-        """Replace L and R (new Parameters: their shape may change), or delete both with ``None``."""
-        if l_local is None:
-            del self.aux_L
-            del self.aux_R
-            self.aux_L = None
-            self.aux_R = None
+    def remove_aux(self) -> None:
+        """Rank 0: delete L and R; the layer is then exactly one quantised matmul."""
+        if not self.has_aux:
             return
-        dtype = self.weight.dtype
-        self.aux_L = nn.Parameter(l_local.detach().to(dtype).contiguous())
-        self.aux_R = nn.Parameter(r_local.detach().to(dtype).contiguous())
-
-    def resize_aux(self, rank: int) -> None:
-        """Shape the (uninitialised) factors for ``rank`` before loading a checkpoint saved at that rank."""
-        if not self.has_aux or rank == self.aux_rank:
-            return
-        if rank == 0:
-            self.set_aux_factors(None, None)
-        else:
-            self.set_aux_factors(self.aux_L.new_zeros(self.aux_L.shape[0], rank),
-                                 self.aux_R.new_zeros(rank, self.aux_R.shape[1]))
+        del self.aux_L
+        del self.aux_R
+        self.aux_L = None
+        self.aux_R = None
+        self.set_active_rank(0)
 
     # ------------------------------------------------------------------ forward
     def effective_weight(self, weight: torch.Tensor, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """``Qw(W) + (gamma * L) @ R`` for this shard (float32 unless ``out_dtype``)."""
         group = self._tp_group_if_split
         aux_l = aux_r = None
-        if self.has_aux:
-            aux_l = sum_grad_over_group(self.aux_L, None if self._rows_split else group).float() * self.aux_gamma()
-            aux_r = sum_grad_over_group(self.aux_R, group if self._rows_split else None)
+        if self.has_aux and self.aux_rank > 0:
+            rank = self.aux_rank
+            aux_l = sum_grad_over_group(self.aux_L[:, :rank], None if self._rows_split else group).float()
+            aux_l = aux_l * self.aux_gamma()
+            aux_r = sum_grad_over_group(self.aux_R[:rank], group if self._rows_split else None)
         return self.weight_quantizer(weight, replicated_group=None if self._rows_split else group,
                                      aux_l=aux_l, aux_r=aux_r, out_dtype=out_dtype)
 

@@ -6,15 +6,17 @@ is unchanged) so that the next phase decays the weakest singular directions. At 
 deleted and the layer costs one quantised matmul.
 
 The optimizer owns the master copies of L and R, so every boundary goes through an
-:class:`OptimizerAdapter`: the new factors are computed from the optimizer's (fp32) main parameters,
-written back to both main and model parameters, and the moments of L and R are reset (Adam moments
-of the old factors do not transform into moments of the new ones).
+:class:`OptimizerAdapter`: the re-factorisation is computed from the optimizer's (fp32) main parameters
+where it has them, applied in place to both main and model parameters, and the moments of L and R are
+reset (Adam moments of the old factors do not transform into moments of the new ones). L and R keep
+their r0-wide storage until rank 0 (the layer's ``aux_active_rank`` buffer says how much is live), so
+megatron's DDP buffers and the checkpoint layout never change mid-run.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Sequence, Union
+from typing import Callable, Iterable, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -68,59 +70,55 @@ class RankDecaySchedule:
 
 
 class OptimizerAdapter:
-    """How rank decay reaches the optimizer's copy of a parameter. Subclass per optimizer family."""
+    """How rank decay reaches the optimizer's copies of L and R. Subclass per optimizer family.
 
-    def main_param(self, param: nn.Parameter) -> torch.Tensor:
+    The factors keep their r0-wide storage while decaying (only rank 0 removes them), so updates are in
+    place: the same function is applied to the model parameter and to its master copy."""
+
+    def full_master(self, param: nn.Parameter) -> Optional[torch.Tensor]:
+        """The whole master (e.g. fp32) copy of ``param`` if this optimizer has one at hand, else None."""
+        return None
+
+    def update(self, param: nn.Parameter, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Replace ``param`` and its master copy by ``fn`` of themselves; the moments start afresh."""
         raise NotImplementedError
 
-    def replace(self, old: nn.Parameter, new: nn.Parameter, new_main: torch.Tensor) -> None:
-        """``new`` takes ``old``'s place; its master copy becomes ``new_main``; its moments start at zero."""
-        raise NotImplementedError
-
-    def remove(self, param: nn.Parameter) -> None:
+    def remove(self, params: Sequence[nn.Parameter]) -> None:
+        """``params`` leave the model (rank 0): the optimizer must forget them."""
         raise NotImplementedError
 
 
 class NoOptimizer(OptimizerAdapter):
-    """For inference/eval models and tests without an optimizer: the parameter is its own master."""
+    """Models without an optimizer (evaluation, conversion, tests)."""
 
-    def main_param(self, param):
-        return param.detach()
+    def update(self, param, fn):
+        with torch.no_grad():
+            param.copy_(fn(param.detach()))
 
-    def replace(self, old, new, new_main):
-        pass
-
-    def remove(self, param):
+    def remove(self, params):
         pass
 
 
 class TorchOptimizerAdapter(OptimizerAdapter):
-    """A ``torch.optim`` optimizer whose parameters are the model's (fp32 training: they are the masters)."""
+    """A ``torch.optim`` optimizer over the model's own (fp32) parameters: they are the masters."""
 
     def __init__(self, optimizer: torch.optim.Optimizer):
         self.optimizer = optimizer
 
-    def _locate(self, param):
-        for group in self.optimizer.param_groups:
-            for i, p in enumerate(group["params"]):
-                if p is param:
-                    return group, i
-        raise KeyError("parameter is not in the optimizer")
-
-    def main_param(self, param):
+    def full_master(self, param):
         return param.detach()
 
-    def replace(self, old, new, new_main):
-        group, i = self._locate(old)
-        group["params"][i] = new
-        self.optimizer.state.pop(old, None)
+    def update(self, param, fn):
         with torch.no_grad():
-            new.copy_(new_main)
-
-    def remove(self, param):
-        group, i = self._locate(param)
-        del group["params"][i]
+            param.copy_(fn(param.detach()))
         self.optimizer.state.pop(param, None)
+
+    def remove(self, params):
+        gone = {id(p) for p in params}
+        for group in self.optimizer.param_groups:
+            group["params"] = [p for p in group["params"] if id(p) not in gone]
+        for p in params:
+            self.optimizer.state.pop(p, None)
 
 
 def _layers_with_aux(models) -> List[nn.Module]:
@@ -129,26 +127,35 @@ def _layers_with_aux(models) -> List[nn.Module]:
     return [layer for layer in quant_linears(models) if layer.has_aux]
 
 
+def _refactored(full: torch.Tensor, transform: torch.Tensor, rank: int, left: bool) -> torch.Tensor:
+    """Kept columns (L) / rows (R) times the k x k transform, zeros beyond ``rank``."""
+    out = torch.zeros_like(full)
+    if left:
+        out[:, :rank] = (full[:, :rank].double() @ transform).to(full.dtype)
+    else:
+        out[:rank] = (transform @ full[:rank].double()).to(full.dtype)
+    return out
+
+
 @torch.no_grad()
 def decay_layer(layer: nn.Module, new_rank: int, adapter: OptimizerAdapter) -> None:
     """Drop the decayed columns of one layer's L, R and re-factor the kept ones (or delete them at 0)."""
-    old_l, old_r = layer.aux_L, layer.aux_R
     if new_rank >= layer.aux_rank:
         raise ValueError(f"rank decay of '{layer.quant_name}' must lower the rank: {layer.aux_rank} -> {new_rank}")
     if new_rank == 0:
-        adapter.remove(old_l)
-        adapter.remove(old_r)
-        layer.set_aux_factors(None, None)
+        adapter.remove([layer.aux_L, layer.aux_R])
+        layer.remove_aux()
         return
-    main_l = adapter.main_param(old_l)[:, :new_rank]
-    main_r = adapter.main_param(old_r)[:new_rank]
-    group = layer._tp_group_if_split
-    t_l, t_r = refactor_transforms(main_l, main_r, l_sharded=layer._rows_split, group=group)
-    new_main_l = (main_l.double() @ t_l).to(main_l.dtype)
-    new_main_r = (t_r @ main_r.double()).to(main_r.dtype)
-    layer.set_aux_factors(new_main_l, new_main_r)
-    adapter.replace(old_l, layer.aux_L, new_main_l)
-    adapter.replace(old_r, layer.aux_R, new_main_r)
+    # The transforms come from the most precise copy at hand; applied to any copy they keep L R exact.
+    src_l = adapter.full_master(layer.aux_L)
+    src_r = adapter.full_master(layer.aux_R)
+    src_l = layer.aux_L.detach() if src_l is None else src_l
+    src_r = layer.aux_R.detach() if src_r is None else src_r
+    t_l, t_r = refactor_transforms(src_l[:, :new_rank], src_r[:new_rank], l_sharded=layer._rows_split,
+                                   group=layer._tp_group_if_split)
+    adapter.update(layer.aux_L, lambda full: _refactored(full, t_l, new_rank, left=True))
+    adapter.update(layer.aux_R, lambda full: _refactored(full, t_r, new_rank, left=False))
+    layer.set_active_rank(new_rank)
 
 
 class RankDecay:
@@ -181,7 +188,8 @@ class RankDecay:
         return ranks.pop() if ranks else 0
 
     def restore(self, step: int) -> None:
-        """Shape the factors of a freshly built model for ``step`` before loading its checkpoint."""
-        rank = self.schedule.rank_at(step)
-        for layer in _layers_with_aux(self.models):
-            layer.resize_aux(rank)
+        """Prepare a freshly built model for the checkpoint of ``step``: past the last phase the factors
+        no longer exist (earlier ranks live in the checkpoint's ``aux_active_rank`` buffers)."""
+        if self.schedule.active and self.schedule.rank_at(step) == 0:
+            for layer in _layers_with_aux(self.models):
+                layer.remove_aux()
