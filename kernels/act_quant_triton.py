@@ -39,7 +39,7 @@ def _quantize_chunk(x, scale, zero, qmax):
     return tl.minimum(tl.maximum(round_half_even(tl.math.div_rn(x, scale)) + zero, 0.0), qmax)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows_per_sample"])
 def _act_quant_kernel(x_ptr, codes_ptr, scale_ptr, zero_ptr, rowsum_ptr, group_ptr, clip_lo_ptr, clip_hi_ptr,
                       stride_xm, stride_cm, rows_per_sample, clip_ratio, qmax, inv_qmax,
                       K: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE_PASS: tl.constexpr, RECIPROCAL: tl.constexpr,

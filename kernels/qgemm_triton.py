@@ -10,7 +10,8 @@ Variants (``GemmConfig.variant``), measured against each other in benchmarks/ker
 - ``"tma"``: tiles loaded by the tensor-memory accelerator (host tensor descriptors), one tile a program.
 - ``"tma_persistent"``: the same with one program per SM walking over output tiles.
 The reduction length K is a compile-time constant (constant trip count for the pipeliner; also, loops
-with run-time bounds do not run in Triton 3.6's interpreter under numpy >= 2.4).
+with run-time bounds do not run in Triton 3.6's interpreter under numpy >= 2.4); the token count M is not
+specialized on, so a new sequence length compiles nothing.
 """
 from __future__ import annotations
 
@@ -102,7 +103,7 @@ def _dot(a, b, acc, FP8: tl.constexpr, FP8_PROMOTE_EVERY: tl.constexpr):
 
 
 # ------------------------------------------------------------------------------------------ ptr variant
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _gemm_ptr_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, a_zero_ptr, a_rowsum_ptr, w_scale_ptr, w_zero_ptr,
                      w_colsum_ptr, bias_ptr, M, N, stride_am, stride_bn, stride_cm,
                      K: tl.constexpr, HAS_BIAS: tl.constexpr, PACKED_B: tl.constexpr, FP8: tl.constexpr,
@@ -146,7 +147,7 @@ def _gemm_ptr_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, a_zero_ptr, a_rowsum_ptr,
 
 
 # ------------------------------------------------------------------------------------------ TMA variants
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _gemm_tma_kernel(a_desc, b_desc, c_ptr, a_scale_ptr, a_zero_ptr, a_rowsum_ptr, w_scale_ptr, w_zero_ptr,
                      w_colsum_ptr, bias_ptr, M, N, stride_cm,
                      K: tl.constexpr, HAS_BIAS: tl.constexpr, FP8: tl.constexpr, FP8_PROMOTE_EVERY: tl.constexpr,
@@ -163,7 +164,7 @@ def _gemm_tma_kernel(a_desc, b_desc, c_ptr, a_scale_ptr, a_zero_ptr, a_rowsum_pt
               a_scale_ptr, a_zero_ptr, a_rowsum_ptr, w_scale_ptr, w_zero_ptr, w_colsum_ptr, bias_ptr, K, HAS_BIAS)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _gemm_tma_persistent_kernel(a_desc, b_desc, c_ptr, a_scale_ptr, a_zero_ptr, a_rowsum_ptr, w_scale_ptr,
                                 w_zero_ptr, w_colsum_ptr, bias_ptr, M, N, stride_cm, num_programs,
                                 K: tl.constexpr, HAS_BIAS: tl.constexpr, FP8: tl.constexpr,
