@@ -1,0 +1,59 @@
+"""Random access to indexed samples: three ``pread`` calls per sample, no tar parsing at read time.
+
+One reader per process: file descriptors are opened lazily and never shared across a fork (DataLoader
+workers each open their own).
+"""
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+
+from megatron_qvgen.data.errors import BadSample
+from megatron_qvgen.data.manifest import DatasetManifest
+from megatron_qvgen.data.schema import Sample, decode_sample
+from megatron_qvgen.data.shard_index import SampleEntry
+
+
+class SampleReader:
+    def __init__(self, max_open_files: int = 64):
+        self._max_open = max_open_files
+        self._fds: "OrderedDict[str, int]" = OrderedDict()
+        self._pid = os.getpid()
+
+    def _fd(self, path: str) -> int:
+        if self._pid != os.getpid():
+            # Forked: the inherited descriptors belong to the parent's bookkeeping; open our own.
+            self._fds = OrderedDict()
+            self._pid = os.getpid()
+        fd = self._fds.get(path)
+        if fd is not None:
+            self._fds.move_to_end(path)
+            return fd
+        fd = os.open(path, os.O_RDONLY)
+        self._fds[path] = fd
+        if len(self._fds) > self._max_open:
+            _, old = self._fds.popitem(last=False)
+            os.close(old)
+        return fd
+
+    def read_bytes(self, path: str, offset: int, size: int) -> bytearray:
+        buf = bytearray(size)
+        try:
+            got = os.preadv(self._fd(path), [buf], offset)
+        except OSError as exc:
+            raise BadSample("unreadable", f"{path}: {exc}") from None
+        if got != size:
+            raise BadSample("truncated", f"{path} ends at byte {offset + got}, a member needs {offset + size}")
+        return buf
+
+    def read(self, shard: str, entry: SampleEntry, manifest: DatasetManifest) -> Sample:
+        if entry.problem is not None:
+            raise BadSample(*entry.problem)
+        members = {t: self.read_bytes(shard, off, n) for t, (off, n) in entry.members.items()}
+        return decode_sample(entry.key, members, manifest, entry.latent_shape)
+
+    def close(self) -> None:
+        if self._pid == os.getpid():
+            for fd in self._fds.values():
+                os.close(fd)
+        self._fds = OrderedDict()
