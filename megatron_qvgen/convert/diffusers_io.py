@@ -1,0 +1,198 @@
+"""Reading and writing diffusers transformer folders, one tensor at a time.
+
+A folder is ``config.json`` plus ``diffusion_pytorch_model.safetensors`` or sharded
+``diffusion_pytorch_model-0000k-of-0000N.safetensors`` with ``diffusion_pytorch_model.safetensors.index.json``.
+Reads go through ``safetensors.safe_open`` (lazy: only the requested tensor is read); writes fill one
+shard at a time, into a temporary folder that is renamed into place when complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Dict, Iterable, Tuple
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from megatron_qvgen.config import ConfigError, WanConfig
+from megatron_qvgen.convert.errors import ConversionError
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+CLASS_NAMES = {"wan": "WanTransformer3DModel"}
+
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def transformer_dir(path: str | os.PathLike) -> Path:
+    """The transformer folder: ``path`` itself, or ``path/transformer`` of a pipeline folder."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    if (path / "transformer" / "config.json").is_file():
+        return path / "transformer"
+    raise ConversionError(f"{path}: no config.json here or in {path / 'transformer'}; "
+                          "expected a diffusers transformer (or pipeline) folder")
+
+
+def read_model_config(folder: Path, arch: str):
+    """Our model config from a diffusers config.json; rejects variants we do not implement."""
+    path = folder / "config.json"
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConversionError(f"{path}: cannot read the diffusers config: {exc}") from None
+    expected = CLASS_NAMES.get(arch)
+    if expected is None:
+        raise ConversionError(f"--model {arch!r} is not supported; choose from {sorted(CLASS_NAMES)}")
+    if raw.get("_class_name") not in (None, expected):
+        raise ConversionError(f"{path}: _class_name is {raw.get('_class_name')!r}, expected {expected!r} "
+                              f"for --model {arch}")
+    return _wan_config(raw, path)
+
+
+def _wan_config(raw: dict, path: Path) -> WanConfig:
+    unsupported = {"image_dim": None, "added_kv_proj_dim": None, "pos_embed_seq_len": None}
+    for key, allowed in unsupported.items():
+        if raw.get(key, allowed) != allowed:
+            raise ConversionError(f"{path}: {key}={raw[key]!r}: only Wan 2.1 text-to-video is supported")
+    if raw.get("qk_norm", "rms_norm_across_heads") != "rms_norm_across_heads":
+        raise ConversionError(f"{path}: qk_norm={raw['qk_norm']!r}; only 'rms_norm_across_heads' is supported")
+    fields = {k: v for k, v in raw.items() if k in WanConfig.__dataclass_fields__ and k != "arch"}
+    if fields.get("out_channels") is None:
+        fields["out_channels"] = fields.get("in_channels", WanConfig.in_channels)
+    try:
+        return WanConfig(**fields)
+    except (ConfigError, TypeError) as exc:
+        raise ConversionError(f"{path}: invalid Wan config: {exc}") from None
+
+
+def diffusers_config_dict(model_cfg) -> dict:
+    """config.json content that ``WanTransformer3DModel.from_pretrained`` reads."""
+    try:
+        import diffusers
+
+        version = diffusers.__version__
+    except ImportError:
+        version = "0.35.0"
+    config = {"_class_name": CLASS_NAMES[model_cfg.arch], "_diffusers_version": version}
+    config.update(model_cfg.diffusers_kwargs())
+    config["patch_size"] = list(config["patch_size"])
+    config.update(image_dim=None, added_kv_proj_dim=None, pos_embed_seq_len=None)
+    return config
+
+
+class SafetensorsSource:
+    """Lazy access to the tensors of a diffusers folder (single file or sharded with an index)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self._files: Dict[str, Path] = {}
+        self._handles: Dict[Path, object] = {}
+        index, single = folder / INDEX_NAME, folder / WEIGHTS_NAME
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (OSError, json.JSONDecodeError, KeyError) as exc:
+                raise ConversionError(f"{index}: not a safetensors index ({exc})") from None
+            self._files = {key: folder / name for key, name in weight_map.items()}
+        elif single.is_file():
+            self._files = {key: single for key in self._open(single).keys()}
+        else:
+            raise ConversionError(f"{folder}: neither {WEIGHTS_NAME} nor {INDEX_NAME} found "
+                                  "(only safetensors weights are read)")
+        self._meta: Dict[str, Tuple[Tuple[int, ...], torch.dtype]] = {}
+        for path in sorted(set(self._files.values())):
+            handle = self._open(path)
+            for key in handle.keys():
+                if self._files.get(key) == path:
+                    sl = handle.get_slice(key)
+                    dtype = _DTYPES.get(sl.get_dtype())
+                    if dtype is None:
+                        raise ConversionError(f"{path}: tensor {key} has unsupported dtype {sl.get_dtype()}")
+                    self._meta[key] = (tuple(sl.get_shape()), dtype)
+        missing = sorted(set(self._files) - set(self._meta))
+        if missing:
+            raise ConversionError(f"{folder}: the index lists {missing[:3]} but their files do not hold them")
+
+    def _open(self, path: Path):
+        if path not in self._handles:
+            if not path.is_file():
+                raise ConversionError(f"{path}: weight file listed in the index is missing")
+            try:
+                self._handles[path] = safe_open(str(path), framework="pt")
+            except (SafetensorError, OSError) as exc:
+                raise ConversionError(f"{path}: not a readable safetensors file ({exc})") from None
+        return self._handles[path]
+
+    def shapes(self) -> Dict[str, Tuple[int, ...]]:
+        return {key: shape for key, (shape, _) in self._meta.items()}
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._meta[key][1]
+
+    def get(self, key: str) -> torch.Tensor:
+        try:
+            return self._open(self._files[key]).get_tensor(key)
+        except SafetensorError as exc:
+            raise ConversionError(f"{self._files[key]}: cannot read tensor {key} ({exc})") from None
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def write_diffusers_folder(dst: str | os.PathLike, config: dict, tensors: Iterable[Tuple[str, torch.Tensor]],
+                           max_shard_bytes: int = 5 * 2**30) -> Path:
+    """Write config.json and safetensors shards to a new folder ``dst``, atomically.
+
+    ``tensors`` is consumed lazily; at most one shard is held in memory.
+    """
+    dst = Path(dst)
+    if dst.exists():
+        raise ConversionError(f"{dst} already exists; choose a new destination (nothing is overwritten)")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:
+        _write_shards(tmp, config, tensors, max_shard_bytes)
+        os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # our own temporary folder
+        raise
+    return dst
+
+
+def _write_shards(tmp: Path, config: dict, tensors: Iterable[Tuple[str, torch.Tensor]],
+                  max_shard_bytes: int) -> None:
+    shard_files, weight_map, total = [], {}, 0
+    shard: Dict[str, torch.Tensor] = {}
+    shard_bytes = 0
+
+    def flush():
+        nonlocal shard, shard_bytes
+        if shard:
+            name = f"shard-{len(shard_files):05d}.safetensors"
+            save_file(shard, str(tmp / name), metadata={"format": "pt"})
+            shard_files.append((name, list(shard)))
+            shard, shard_bytes = {}, 0
+
+    for key, tensor in tensors:
+        size = tensor.numel() * tensor.element_size()
+        if shard and shard_bytes + size > max_shard_bytes:
+            flush()
+        shard[key] = tensor.contiguous()
+        shard_bytes += size
+        total += size
+    flush()
+    count = len(shard_files)
+    for k, (name, keys) in enumerate(shard_files):
+        final = WEIGHTS_NAME if count == 1 else f"diffusion_pytorch_model-{k + 1:05d}-of-{count:05d}.safetensors"
+        os.replace(tmp / name, tmp / final)
+        weight_map.update({key: final for key in keys})
+    if count > 1:
+        (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total},
+                                                  "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))

@@ -1,0 +1,55 @@
+"""Run a diffusers transformer and its megatron checkpoint on the same random input; print the difference.
+
+    python tools/convert/verify.py --diffusers DIR --megatron CKPT_DIR
+    torchrun --nproc-per-node 4 tools/convert/verify.py --diffusers DIR --megatron CKPT_DIR --tp 2 --pp 2
+
+The world size must be a multiple of TP x PP.
+"""
+import argparse
+import sys
+import warnings
+
+warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*not installed.*")
+import torch
+
+from megatron_qvgen.config import ConfigError
+from megatron_qvgen.convert.errors import ConversionError
+from megatron_qvgen.convert.verify import verify_conversion
+from megatron_qvgen.parallel import destroy_parallel, init_distributed
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--diffusers", required=True, help="diffusers transformer folder")
+    parser.add_argument("--megatron", required=True, help="megatron dist checkpoint folder")
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--sequence-parallel", action="store_true")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--latent-frames", type=int, default=2, help="latent frames / temporal patch")
+    parser.add_argument("--latent-size", type=int, default=8, help="latent height and width / spatial patch")
+    parser.add_argument("--text-len", type=int, default=16)
+    args = parser.parse_args(argv)
+    init_distributed()
+    try:
+        result = verify_conversion(args.diffusers, args.megatron, tensor_parallel=args.tp, pipeline_parallel=args.pp,
+                                   sequence_parallel=args.sequence_parallel, dtype=DTYPES[args.dtype],
+                                   seed=args.seed, latent_frames=args.latent_frames,
+                                   latent_height=args.latent_size, latent_width=args.latent_size,
+                                   text_len=args.text_len)
+    except (ConversionError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        destroy_parallel()
+    if result is not None:
+        print(f"output {result.shape}: max abs diff {result.max_abs:.3e}, max rel diff {result.max_rel:.3e} "
+              f"(reference max {result.reference_max:.3e}), tp={args.tp} pp={args.pp} dtype={args.dtype}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
