@@ -1,7 +1,7 @@
 """Read a clip for a video VAE: frames at the model's frame rate, resized to cover and centre-cropped.
 
-Frames are taken at times k / fps from the start (the latest decoded frame at or before each time), so a
-30 fps source gives a 16 fps clip of the same speed. A clip that does not fit, or a file that does not
+Frames are taken at times k / fps from the start (the decoded frame nearest each time), so a 30 fps
+source gives a 16 fps clip of the same speed. A clip that does not fit, or a file that does not
 decode, raises :class:`VideoError` naming the file.
 """
 from __future__ import annotations
@@ -62,21 +62,23 @@ def _decode_frames(path: str, num_frames: int, fps: Optional[float]) -> List[np.
                 if fps is None:
                     chosen.append(frame)
                 else:
-                    while len(chosen) < num_frames and prev is not None and t > len(chosen) / fps + 1e-6:
-                        chosen.append(prev)
+                    # The frame nearest each target time (container timestamps are rounded).
+                    while len(chosen) < num_frames and t >= len(chosen) / fps - 1e-6:
+                        target = len(chosen) / fps
+                        closer_before = prev is not None and target - prev_time < t - target
+                        chosen.append(prev if closer_before else frame)
                 prev, prev_time = frame, t
                 if len(chosen) >= num_frames:
                     break
         except (av.FFmpegError, ValueError) as exc:
             raise VideoError(f"{path}: decoding failed after {len(chosen)} frames ({exc})") from None
-        if fps is not None and prev is not None and len(chosen) < num_frames:
-            # The last frame lasts one source frame interval.
-            last_until = prev_time + (1.0 / rate if rate else 0.0)
-            while len(chosen) < num_frames and len(chosen) / fps < last_until - 1e-6:
+        interval = 1.0 / rate if rate else 0.0
+        if fps is not None and prev is not None:
+            while len(chosen) < num_frames and len(chosen) / fps <= prev_time + interval / 2 + 1e-6:
                 chosen.append(prev)
         if len(chosen) < num_frames:
-            have = f"{prev_time + (1.0 / rate if rate else 0):.2f} s" if prev is not None else "no frames"
-            need = f"{num_frames} frames at {fps} fps" if fps else f"{num_frames} frames"
+            have = f"{prev_time + interval:.2f} s" if prev is not None else "no frames"
+            need = f"{num_frames} frames at {fps:g} fps" if fps else f"{num_frames} frames"
             raise VideoError(f"{path}: too short ({have}), needs {need}")
         arrays = {}  # a frame repeated (source slower than fps) is converted once
         for frame in chosen[:num_frames]:
