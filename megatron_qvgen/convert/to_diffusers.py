@@ -14,7 +14,7 @@ from typing import List
 from tqdm import tqdm
 
 from megatron_qvgen.convert.diffusers_io import diffusers_config_dict, write_diffusers_folder
-from megatron_qvgen.convert.dist_ckpt import batches_by_bytes, checkpoint_shapes, read_model_config, read_tensors
+from megatron_qvgen.convert.checkpoint_io import batches_by_bytes, checkpoint_shapes, read_model_config, read_tensors
 from megatron_qvgen.convert.tables import table_for
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from megatron_qvgen.config import ConfigError, check_model_parallel
 from megatron_qvgen.convert.diffusers_io import SafetensorsSource, read_model_config, transformer_dir
-from megatron_qvgen.convert.dist_ckpt import write_streaming
+from megatron_qvgen.convert.checkpoint_io import write_streaming
 from megatron_qvgen.convert.errors import ConversionError
 from megatron_qvgen.convert.tables import table_for
 from megatron_qvgen.models.common.megatron_config import check_output_projection

@@ -16,7 +16,7 @@ import torch
 
 from megatron_qvgen.config import ParallelConfig
 from megatron_qvgen.convert.diffusers_io import read_model_config as read_diffusers_config, transformer_dir
-from megatron_qvgen.convert.dist_ckpt import load_model, read_model_config
+from megatron_qvgen.convert.checkpoint_io import load_model, read_model_config
 from megatron_qvgen.convert.errors import ConversionError
 
 

@@ -11,7 +11,8 @@ import sys
 import warnings
 
 warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*not installed.*")
-from megatron_qvgen.convert.errors import ConversionError
+from megatron_qvgen.config import ConfigError
+from megatron_qvgen.dist_ckpt import CheckpointError
 from megatron_qvgen.convert.to_megatron import diffusers_to_megatron
 
 
@@ -27,7 +28,7 @@ def main(argv=None) -> int:
     try:
         summary = diffusers_to_megatron(args.src, args.dst, arch=args.model, tensor_parallel=args.tp,
                                         pipeline_parallel=args.pp, progress=not args.no_progress)
-    except ConversionError as exc:
+    except (CheckpointError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"wrote {summary.destination}: {summary.tensors} tensors, {summary.parameters:,} parameters")

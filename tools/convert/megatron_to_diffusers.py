@@ -9,7 +9,8 @@ import sys
 import warnings
 
 warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*not installed.*")
-from megatron_qvgen.convert.errors import ConversionError
+from megatron_qvgen.config import ConfigError
+from megatron_qvgen.dist_ckpt import CheckpointError
 from megatron_qvgen.convert.to_diffusers import megatron_to_diffusers
 
 
@@ -25,7 +26,7 @@ def main(argv=None) -> int:
         summary = megatron_to_diffusers(args.src, args.dst, key_prefix=args.key_prefix,
                                         max_shard_bytes=int(args.max_shard_gib * 2**30),
                                         progress=not args.no_progress)
-    except ConversionError as exc:
+    except (CheckpointError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"wrote {summary.destination}: {summary.tensors} tensors"

@@ -13,7 +13,7 @@ warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*not inst
 import torch
 
 from megatron_qvgen.config import ConfigError
-from megatron_qvgen.convert.errors import ConversionError
+from megatron_qvgen.dist_ckpt import CheckpointError
 from megatron_qvgen.convert.verify import verify_conversion
 from megatron_qvgen.parallel import destroy_parallel, init_distributed
 
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
                                    seed=args.seed, latent_frames=args.latent_frames,
                                    latent_height=args.latent_size, latent_width=args.latent_size,
                                    text_len=args.text_len)
-    except (ConversionError, ConfigError) as exc:
+    except (CheckpointError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:

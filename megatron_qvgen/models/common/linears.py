@@ -20,7 +20,7 @@ class NamedColumnParallelLinear(ColumnParallelLinear):
 
     def __init__(self, input_size: int, output_size: int, *, name: str, **kwargs):
         super().__init__(input_size, output_size, **kwargs)
-        self.name = name
+        self.quant_name = name  # the attribute name the QAT linears use
 
 
 class NamedRowParallelLinear(RowParallelLinear):
@@ -28,7 +28,7 @@ class NamedRowParallelLinear(RowParallelLinear):
 
     def __init__(self, input_size: int, output_size: int, *, name: str, **kwargs):
         super().__init__(input_size, output_size, **kwargs)
-        self.name = name
+        self.quant_name = name  # the attribute name the QAT linears use
 
 
 @dataclass

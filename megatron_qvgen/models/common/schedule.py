@@ -16,7 +16,7 @@ Batch = Dict[str, torch.Tensor]  # latents (B, C, F, H, W), timestep (B,), text_
 
 
 def video_tokens(model_chunk: torch.nn.Module, latents_shape: Sequence[int]) -> int:
-    patch = model_chunk.patch_size
+    patch = getattr(model_chunk, "module", model_chunk).patch_size  # DDP-wrapped chunks too
     patch = patch if isinstance(patch, tuple) else (1, patch, patch)
     return math.prod(n // p for n, p in zip(latents_shape[2:], patch))
 

@@ -7,15 +7,15 @@
   format (PyTorch DCP files, megatron's metadata.json and common.pt) that ``load_model`` reads at any
   TP/PP: in this format the layout at write time does not matter.
 - ``read_tensors`` / ``checkpoint_shapes``: full tensors out of a checkpoint without a process group.
-The model config travels in megatron's ``content_metadata`` (common.pt), so tools need no extra flags.
-Writes go to a temporary folder renamed into place when complete.
+The model config travels in the checkpoint's common part (common.pt), so tools need no extra flags.
+Model saves and loads go through ``megatron_qvgen.dist_ckpt`` (atomic, completion marker, clear errors);
+the streaming writer produces the same layout, marker included.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import json
-import multiprocessing as mp
 import os
 import shutil
 import tempfile
@@ -28,6 +28,8 @@ import torch
 from megatron_qvgen.config import ConfigError, ModelConfig
 from megatron_qvgen.config.model import model_config_from_dict
 from megatron_qvgen.convert.errors import ConversionError
+from megatron_qvgen.dist_ckpt import (COMPLETE_MARKER, CheckpointError, load_common, load_sharded,
+                                     save_sharded)
 
 CONTENT_KEY = "qvgen_model"
 TensorLoader = Callable[[], torch.Tensor]
@@ -35,23 +37,24 @@ TensorLoader = Callable[[], torch.Tensor]
 
 # ------------------------------------------------------------------ model config in the checkpoint
 def content_metadata(model_cfg: ModelConfig) -> dict:
-    """What ``dist_checkpointing.save(..., content_metadata=...)`` should carry for our tools."""
+    """The non-sharded entry a model checkpoint carries so tools can rebuild the model: merge it into
+    the state dict that is saved (training checkpoints too)."""
     fields = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(model_cfg).items()}
     return {CONTENT_KEY: fields}
 
 
 def read_model_config(ckpt_dir: str | os.PathLike) -> ModelConfig:
-    from megatron.core import dist_checkpointing
-
     check_dist_checkpoint(ckpt_dir)
     try:
-        content = dist_checkpointing.load_content_metadata(str(ckpt_dir)) or {}
+        common = load_common(str(ckpt_dir)) or {}
+    except CheckpointError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any failure here means an unreadable common.pt
         raise ConversionError(f"{ckpt_dir}: cannot read common.pt ({exc})") from None
-    fields = content.get(CONTENT_KEY)
+    fields = common.get(CONTENT_KEY)
     if fields is None:
         raise ConversionError(f"{ckpt_dir}: the checkpoint does not record its model config "
-                              f"(content_metadata[{CONTENT_KEY!r}]); it was not written by megatron-qvgen")
+                              f"({CONTENT_KEY!r} in common.pt); it was not written by megatron-qvgen")
     fields = dict(fields)
     try:
         return model_config_from_dict(fields.pop("arch"), fields)
@@ -117,8 +120,9 @@ def write_streaming(dst: str | os.PathLike, tensors: Sequence[Tuple[str, Tuple[i
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
             dcp.save(placeholders, storage_writer=writer, planner=LazyPlanner(), no_dist=True)
-        torch.save({"content_metadata": content_metadata(model_cfg)}, tmp / "common.pt")
+        torch.save(content_metadata(model_cfg), tmp / "common.pt")
         save_config(CheckpointingConfig("torch_dist", 1), str(tmp))
+        (tmp / COMPLETE_MARKER).write_text("ok\n")
     bar.close()
     return dst
 
@@ -175,55 +179,20 @@ def _chunks_state(model_chunks: List[torch.nn.Module]) -> dict:
     return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(model_chunks)}
 
 
-@contextlib.contextmanager
-def _fork_results_queue():
-    """megatron's torch_dist writer creates its results queue with a spawn-mode Manager (2.5-3.3 s a
-    save on CPU, and a hang in scripts without a __main__ guard); a fork-mode one is equivalent here."""
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    if filesystem_async._results_queue is not None:
-        yield
-        return
-    manager = mp.get_context("fork").Manager()
-    filesystem_async._results_queue = manager.Queue()
-    try:
-        yield
-    finally:
-        filesystem_async._results_queue = None
-        manager.shutdown()
-
-
 def save_model(model_chunks: List[torch.nn.Module], ckpt_dir: str | os.PathLike, model_cfg: ModelConfig) -> None:
-    """Collective: every rank of the job calls it. Writes a new folder ``ckpt_dir`` atomically."""
-    import torch.distributed as dist
-    from megatron.core import dist_checkpointing
-
-    dst = Path(ckpt_dir)
-    rank = dist.get_rank()
-    tmp_name = [None]
-    if rank == 0:
-        if dst.exists():
-            tmp_name[0] = ConversionError(f"{dst} already exists; choose a new destination")
-        else:
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            tmp_name[0] = tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent)
-    dist.broadcast_object_list(tmp_name, src=0)
-    if isinstance(tmp_name[0], Exception):
-        raise tmp_name[0]
-    tmp = tmp_name[0]
-    with _fork_results_queue():
-        dist_checkpointing.save(_chunks_state(model_chunks), tmp, content_metadata=content_metadata(model_cfg))
-    dist.barrier()
-    if rank == 0:
-        os.replace(tmp, dst)
-    dist.barrier()
+    """Collective: every rank of the job calls it; a new folder ``ckpt_dir`` appears when complete."""
+    state = _chunks_state(model_chunks)
+    state.update(content_metadata(model_cfg))
+    save_sharded(state, str(ckpt_dir))
 
 
 def load_model(model_chunks: List[torch.nn.Module], ckpt_dir: str | os.PathLike,
-               model_cfg: Optional[ModelConfig] = None) -> None:
-    """Collective: load this rank's shards of every chunk from a torch_dist checkpoint (any TP/PP)."""
-    from megatron.core import dist_checkpointing
+               model_cfg: Optional[ModelConfig] = None, *, partial: bool = False) -> None:
+    """Collective: load this rank's shards of every chunk from a torch_dist checkpoint (any TP/PP).
 
+    ``partial=True`` loads every tensor the checkpoint has and leaves the model's other tensors as built:
+    bf16 weights into a QAT model, whose quantizer state and auxiliary factors they lack.
+    """
     check_dist_checkpoint(ckpt_dir)
     if model_cfg is not None:
         stored = read_model_config(ckpt_dir)
@@ -231,15 +200,25 @@ def load_model(model_chunks: List[torch.nn.Module], ckpt_dir: str | os.PathLike,
             raise ConversionError(f"{ckpt_dir}: checkpoint holds a different model ({stored}) than the one "
                                   f"being loaded ({model_cfg})")
     state = _chunks_state(model_chunks)
-    try:
-        with warnings.catch_warnings():  # megatron 0.16 calls DCP's deprecated load_state_dict
-            warnings.filterwarnings("ignore", category=FutureWarning, message=".*load_state_dict.*")
-            loaded = dist_checkpointing.load(state, str(ckpt_dir))
-    except Exception as exc:  # noqa: BLE001 - surface which checkpoint failed and why
-        raise ConversionError(f"{ckpt_dir}: cannot load the model from this checkpoint: {exc}") from exc
-    loaded.pop("content_metadata", None)  # the common part of the checkpoint, not model state
-    if len(model_chunks) == 1:
-        model_chunks[0].load_state_dict(loaded, strict=True)
-    else:
-        for i, chunk in enumerate(model_chunks):
-            chunk.load_state_dict(loaded[f"model{i}"], strict=True)
+    if partial:
+        state = _only_stored(state, set(checkpoint_shapes(ckpt_dir)))
+    with warnings.catch_warnings():  # megatron 0.16 calls DCP's deprecated load_state_dict
+        warnings.filterwarnings("ignore", category=FutureWarning, message=".*load_state_dict.*")
+        loaded = load_sharded(state, str(ckpt_dir))
+    loaded.pop(CONTENT_KEY, None)  # the common part of the checkpoint, not model state
+    parts = [loaded] if len(model_chunks) == 1 else [loaded[f"model{i}"] for i in range(len(model_chunks))]
+    for chunk, part in zip(model_chunks, parts):
+        chunk.load_state_dict(part, strict=not partial)
+
+
+def _only_stored(state: dict, stored: set) -> dict:
+    """The entries of a (nested) sharded state dict whose checkpoint key the checkpoint holds."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    out = {}
+    for name, value in state.items():
+        if isinstance(value, dict):
+            out[name] = _only_stored(value, stored)
+        elif isinstance(value, ShardedTensor) and value.key in stored:
+            out[name] = value
+    return out
