@@ -197,8 +197,10 @@ def load_model(model_chunks: List[torch.nn.Module], ckpt_dir: str | os.PathLike,
     if model_cfg is not None:
         stored = read_model_config(ckpt_dir)
         if stored != model_cfg:
-            raise ConversionError(f"{ckpt_dir}: checkpoint holds a different model ({stored}) than the one "
-                                  f"being loaded ({model_cfg})")
+            ours, theirs = dataclasses.asdict(model_cfg), dataclasses.asdict(stored)
+            diffs = ", ".join(f"{k}: checkpoint {theirs.get(k)!r}, model {v!r}" for k, v in ours.items()
+                              if theirs.get(k) != v)
+            raise ConversionError(f"{ckpt_dir}: checkpoint holds a different model ({diffs})")
     state = _chunks_state(model_chunks)
     if partial:
         state = _only_stored(state, set(checkpoint_shapes(ckpt_dir)))
