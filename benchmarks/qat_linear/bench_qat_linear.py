@@ -318,10 +318,10 @@ def main():
         row["wall_s"] = round(time.time() - t0, 1)
         rows.append(row)
         print(json.dumps(row, indent=1), flush=True)
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "results.json"), "w") as f:   # after every shape: a cut-off run keeps some
+            json.dump({"device": device, "date": time.strftime("%Y-%m-%d"), "rows": rows}, f, indent=1)
         torch.cuda.empty_cache()
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"device": device, "date": time.strftime("%Y-%m-%d"), "rows": rows}, f, indent=1)
     print_table(rows, device)
 
 
