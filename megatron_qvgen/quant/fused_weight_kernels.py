@@ -65,6 +65,7 @@ def weight_fake_quant_bwd_rows_kernel(g_ptr, w_ptr, s_ptr, z_ptr, r_ptr, dw_ptr,
     row_mask = rows < N_OUT
     s = tl.load(s_ptr + rows, mask=row_mask, other=1.0)[:, None]
     z = tl.load(z_ptr + rows, mask=row_mask, other=0.0)[:, None]
+    inv_s = tl.math.div_rn(1.0, s)   # gradient-only quotient: a product is rounding-close and cheaper
     cols0 = tl.arange(0, BLOCK_N)
     ranks = tl.arange(0, RANK_PAD)
     acc_s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -82,7 +83,7 @@ def weight_fake_quant_bwd_rows_kernel(g_ptr, w_ptr, s_ptr, z_ptr, r_ptr, dw_ptr,
         dv = tl.where((r >= 0.0) & (r <= qmax), g_s, 0.0)  # through clamp and the straight-through round
         store_rounded(dw_ptr, offs, tl.math.div_rn(dv, s), mask)
         # s: from s * (q - z) and from w / s (-grad * ((w / s) / s)); z: from + z and from - z
-        acc_s += g * (q - z) + (-dv) * tl.math.div_rn(u, s)
+        acc_s += g * (q - z) + (-dv) * (u * inv_s)
         acc_z += dv - g_s
         if HAS_AUX:
             right = tl.load(r_ptr + ranks[:, None] * K + cols[None, :],
