@@ -52,12 +52,12 @@ class GemmConfig:
 
 
 def default_config(M: int, N: int, K: int) -> GemmConfig:
-    """Tile shape by problem size (tuned on H100, benchmarks/kernels/RESULTS.md)."""
+    """Tile shape and variant by problem size (H100 sweep, benchmarks/kernels/RESULTS.md)."""
     if M <= 64:
-        return GemmConfig(block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=4)
+        return GemmConfig(block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=4, variant="tma")
     if N <= 128:
-        return GemmConfig(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=4)
-    return GemmConfig()
+        return GemmConfig(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=4, variant="tma")
+    return GemmConfig(block_m=128, block_n=256, block_k=128, num_warps=8, num_stages=4, variant="tma")
 
 
 # ------------------------------------------------------------------------------------------ epilogue
@@ -272,7 +272,8 @@ def quant_matmul_triton(act: QuantizedActivations, weight: PackedWeight, weight_
                 BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
                 num_warps=config.num_warps, num_stages=config.num_stages)
     tiles = triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n)
-    if config.variant == "ptr":
+    tma_ok = all(t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 for t in (a, b))
+    if config.variant == "ptr" or not tma_ok:     # the tensor-memory accelerator needs 16-byte aligned rows
         _gemm_ptr_kernel[(tiles,)](a, b, out, *epi, M, N, a.stride(0), b.stride(0), out.stride(0),
                                    PACKED_B=config.packed_b, **meta)
         return out

@@ -46,7 +46,7 @@ def _rows(n, k, dtype, gen):
     return x.to(dtype)
 
 
-@pytest.mark.parametrize("k", [48, 203, 9000])
+@pytest.mark.parametrize("k", [48, 192, 203, 1536, 2100])
 @pytest.mark.parametrize("bits", [4, 3])
 def test_codes_match_codes_py(k, bits):
     gen = torch.Generator().manual_seed(k + bits)
@@ -72,6 +72,26 @@ def test_ties_round_half_to_even(bits):
     assert got.scale[0].item() == 1.0
     expected = torch.clamp(torch.round(halves) + torch.round(torch.tensor(top / 2)), 0, top)
     assert torch.equal(got.codes[0].float().cpu(), expected)
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+def test_quotients_next_to_rounding_ties(bits):
+    """Elements x = RN(h * s) and their float neighbours for every half-integer h in the row's range: the
+    kernel's division must land on the same side of each tie as torch's (a one-ulp error flips a code)."""
+    gen = torch.Generator().manual_seed(bits)
+    rows = []
+    for _ in range(8):
+        lo_end, hi_end = -(torch.rand(1, generator=gen) * 3 + 0.1), torch.rand(1, generator=gen) * 3 + 0.1
+        s, _ = codes.act_qparams(lo_end.to(DEVICE), hi_end.to(DEVICE), bits)     # the scale codes.py will find
+        halves = torch.arange(-2 * codes.qmax(bits), 2 * codes.qmax(bits) + 1, device=DEVICE) / 2
+        ties = halves * s
+        ties = ties[(ties > lo_end.to(DEVICE)) & (ties < hi_end.to(DEVICE))]
+        near = torch.cat([ties, torch.nextafter(ties, ties + 1), torch.nextafter(ties, ties - 1)])
+        row = torch.cat([lo_end.to(DEVICE), hi_end.to(DEVICE), near])
+        rows.append(torch.nn.functional.pad(row, (0, 160 - row.numel()), value=float(lo_end)))
+    x = torch.stack(rows)
+    one = torch.ones(1, device=DEVICE)
+    _assert_identical(x, torch.zeros(1, dtype=torch.long, device=DEVICE), 8, one, one, 1.0, bits)
 
 
 def test_fp8_codes_hold_the_same_values():

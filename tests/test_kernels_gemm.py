@@ -64,10 +64,10 @@ def test_k_tail_and_no_bias():
     M, N, K = 33, 24, 75
     act, weight, _ = _problem(M, N, K, 4, seed=11, bias=False)
     ref = dequant_matmul_float64(act, weight)
-    for packed_b in (False, True):
+    for variant, packed_b in (("ptr", False), ("ptr", True), ("tma", False)):   # tma: rows of 75 bytes fall back
         y = quant_matmul_triton(act, weight, None if packed_b else unpack_weight(weight), None, torch.float32,
-                                GemmConfig(packed_b=packed_b, **SMALL))
-        assert_rel_close(y, ref, rel=2e-6, what=f"packed_b={packed_b}")
+                                GemmConfig(variant=variant, packed_b=packed_b, **SMALL))
+        assert_rel_close(y, ref, rel=2e-6, what=f"{variant} packed_b={packed_b}")
 
 
 def test_fp8_codes_path():
