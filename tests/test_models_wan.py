@@ -8,6 +8,7 @@ reduces the replicated gradients, and compares its prediction and every local gr
 diffusers model's (fp32, 1e-5 relative). At TP=2 x PP=2 it also saves the sharded model (for the
 bit-identical round trip) and runs the QAT spec at W4A4 forward and backward.
 """
+import dataclasses
 import os
 import warnings
 from pathlib import Path
@@ -138,6 +139,11 @@ def _parity_worker(rank, world, workdir):
             save_model(chunks, os.path.join(workdir, "even_tp2pp2_saved"), cfg)
             results["qat"] = _qat_tp2_pp2(cfg, parallel, workdir)
         results[key]["stage"] = parallel_state.get_pipeline_model_parallel_rank()
+    from megatron_qvgen.convert.verify import verify_conversion
+
+    report = verify_conversion(os.path.join(workdir, "even_diffusers"), os.path.join(workdir, "even_megatron"),
+                               tensor_parallel=2, pipeline_parallel=2, latent_height=2, latent_width=3)
+    results["verify"] = None if report is None else dataclasses.asdict(report)
     return results
 
 
@@ -223,6 +229,12 @@ def test_qat_spec_w4a4_runs_forward_backward_at_tp2_pp2(parity):
     assert len(outputs) == 2 * 2  # two micro-batches on each of the two last-stage TP ranks
     assert all(torch.isfinite(o).all() for o in outputs)
     torch.testing.assert_close(outputs[0], outputs[2], rtol=0, atol=0)  # TP ranks agree
+
+
+def test_verify_tool_reports_the_difference_on_one_rank(parity):
+    _, per_rank = parity
+    reports = [r["verify"] for r in per_rank if r["verify"] is not None]
+    assert len(reports) == 1 and reports[0]["max_rel"] <= REL and reports[0]["reference_max"] > 0
 
 
 def test_sizes_that_do_not_divide_fail_before_allocation():

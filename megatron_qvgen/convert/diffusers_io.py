@@ -71,6 +71,22 @@ def _wan_config(raw: dict, path: Path) -> WanConfig:
         raise ConversionError(f"{path}: invalid Wan config: {exc}") from None
 
 
+def load_diffusers_model(folder: Path, arch: str, dtype: torch.dtype = torch.float32):
+    """diffusers' model from a folder without ``from_pretrained`` (which needs ``accelerate``): built from
+    the config, then every tensor loaded strictly."""
+    from diffusers import WanTransformer3DModel
+
+    model_cfg = read_model_config(folder, arch)
+    model = WanTransformer3DModel(**model_cfg.diffusers_kwargs())
+    source = SafetensorsSource(folder)
+    try:
+        state = {key: source.get(key) for key in source.shapes()}
+    finally:
+        source.close()
+    model.load_state_dict(state, strict=True)
+    return model.to(dtype)
+
+
 def diffusers_config_dict(model_cfg) -> dict:
     """config.json content that ``WanTransformer3DModel.from_pretrained`` reads."""
     try:

@@ -15,7 +15,8 @@ from typing import Optional
 import torch
 
 from megatron_qvgen.config import ParallelConfig
-from megatron_qvgen.convert.diffusers_io import read_model_config as read_diffusers_config, transformer_dir
+from megatron_qvgen.convert.diffusers_io import load_diffusers_model, transformer_dir
+from megatron_qvgen.convert.diffusers_io import read_model_config as read_diffusers_config
 from megatron_qvgen.convert.checkpoint_io import load_model, read_model_config
 from megatron_qvgen.convert.errors import ConversionError
 
@@ -74,17 +75,15 @@ def verify_conversion(diffusers_dir: str | os.PathLike, ckpt_dir: str | os.PathL
         return None
     ours = outputs[0].float()
     del outputs
-    reference = _diffusers_prediction(folder, batch, dtype, device)
+    reference = _diffusers_prediction(folder, model_cfg.arch, batch, dtype, device)
     diff = (ours - reference).abs().max().item()
     scale = reference.abs().max().item()
     return Difference(max_abs=diff, max_rel=diff / max(scale, 1e-30), reference_max=scale,
                       shape=tuple(reference.shape))
 
 
-def _diffusers_prediction(folder, batch, dtype, device) -> torch.Tensor:
-    from diffusers import WanTransformer3DModel
-
-    model = WanTransformer3DModel.from_pretrained(str(folder), torch_dtype=dtype).to(device).eval()
+def _diffusers_prediction(folder, arch, batch, dtype, device) -> torch.Tensor:
+    model = load_diffusers_model(folder, arch, dtype).to(device).eval()
     with torch.no_grad():
         out = model(batch["latents"].to(dtype), batch["timestep"], batch["text_embeds"].to(dtype),
                     return_dict=False)[0]

@@ -1,0 +1,101 @@
+"""Wan2.1-T2V-1.3B (real config, random weights): our megatron model vs diffusers on GPU, TP = 1 and 2.
+
+Run from the repository root on a machine with 2 GPUs (megatron-core and diffusers installed; install
+this repository without dependencies first: ``pip install --no-deps -e .``):
+
+    torchrun --nproc-per-node 2 benchmarks/model_parity/wan_gpu_parity.py --tp 1 2 --dtype fp32 bf16
+
+Rank 0 writes random diffusers weights (fp32) and converts them with the streaming converter; then every
+requested layout loads the converted checkpoint, runs megatron's pipeline schedule (NCCL), and the rank
+holding the prediction compares it with diffusers' ``WanTransformer3DModel`` on the same input. TF32 is
+off so fp32 means fp32. Prints one line per (TP, dtype) and a JSON summary (``--json``).
+"""
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+
+import torch
+import torch.distributed as dist
+
+warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*not installed.*")
+
+from megatron_qvgen.convert.to_megatron import diffusers_to_megatron  # noqa: E402
+from megatron_qvgen.convert.verify import verify_conversion  # noqa: E402
+from megatron_qvgen.parallel import init_distributed  # noqa: E402
+from megatron_qvgen.recipes import get_recipe  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def write_random_diffusers(folder: str, seed: int) -> None:
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    model = WanTransformer3DModel(**get_recipe("wan_1_3b").model.diffusers_kwargs())
+    with torch.no_grad():  # move norms and tables away from their trivial initial values
+        for param in model.parameters():
+            param.add_(0.02 * torch.randn_like(param))
+    model.save_pretrained(folder)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", default="/tmp/wan13b_parity")
+    parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
+    parser.add_argument("--latent-frames", type=int, default=6, help="latent frames (temporal patch 1)")
+    parser.add_argument("--latent-height", type=int, default=16, help="tokens along height (latent H / 2)")
+    parser.add_argument("--latent-width", type=int, default=26, help="tokens along width (latent W / 2)")
+    parser.add_argument("--text-len", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None, help="write the results here (rank 0)")
+    args = parser.parse_args()
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    init_distributed()
+    rank = dist.get_rank()
+    diffusers_dir = os.path.join(args.workdir, "diffusers")
+    megatron_dir = os.path.join(args.workdir, "megatron")
+    if rank == 0:
+        if not os.path.isdir(diffusers_dir):
+            write_random_diffusers(diffusers_dir, args.seed)
+        if not os.path.isdir(megatron_dir):
+            start = time.time()
+            diffusers_to_megatron(diffusers_dir, megatron_dir, arch="wan", tensor_parallel=max(args.tp))
+            print(f"converted in {time.time() - start:.1f} s", flush=True)
+    dist.barrier()
+
+    results = []
+    for dtype in args.dtype:
+        for tp in args.tp:
+            start = time.time()
+            report = verify_conversion(diffusers_dir, megatron_dir, tensor_parallel=tp, dtype=DTYPES[dtype],
+                                       seed=args.seed, latent_frames=args.latent_frames,
+                                       latent_height=args.latent_height, latent_width=args.latent_width,
+                                       text_len=args.text_len)
+            reports = [None] * dist.get_world_size()
+            dist.all_gather_object(reports, None if report is None else vars(report))
+            report = next(r for r in reports if r is not None)
+            row = {"tp": tp, "dtype": dtype, **report, "seconds": round(time.time() - start, 1)}
+            results.append(row)
+            if rank == 0:
+                print(f"TP={tp} {dtype}: output {tuple(row['shape'])} max abs diff {row['max_abs']:.3e}, "
+                      f"max rel diff {row['max_rel']:.3e} (reference max {row['reference_max']:.3e})", flush=True)
+    if rank == 0:
+        summary = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+                   "torch": torch.__version__, "world_size": dist.get_world_size(), "command": " ".join(sys.argv),
+                   "results": results}
+        print(json.dumps(summary, indent=2))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(summary, f, indent=2)
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
