@@ -7,13 +7,14 @@ saved at one TP/PP loads at another.
 
 Trap handled here (../shared/MCORE_ON_CPU.md): megatron's filesystem writer creates its results queue
 through a *spawn*-context ``multiprocessing.Manager`` on first use, which costs ~3 s per process and
-hangs in scripts without a ``__main__`` guard. A fork-context queue serves the synchronous save (and a
-forked async writer) equally well, starts instantly and needs no server process.
+hangs in scripts without a ``__main__`` guard. Our saves are synchronous (the writer runs in the saving
+process), so an in-process ``queue.Queue`` is all it needs: instant, no server process. (An async save
+from a forked writer would need a process-shared queue; this project does not use async saves.)
 """
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
+import queue
 import shutil
 from typing import Any, Dict, Optional
 
@@ -31,7 +32,7 @@ def _install_fast_results_queue() -> None:
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     if getattr(filesystem_async, "_results_queue", None) is None:
-        filesystem_async._results_queue = mp.get_context("fork").Queue()
+        filesystem_async._results_queue = queue.Queue()
 
 
 def _rank() -> int:

@@ -29,21 +29,23 @@ class ExperimentConfig:
         q = self.quant
         if q.has_aux and q.rank_decay:
             phases = q.num_decay_phases
-            if self.train.steps < phases:
-                raise ConfigError(f"train.steps={self.train.steps} is fewer than the {phases} rank-decay phases")
-            if self.decay_phase_steps * phases > self.train.steps:
+            if self.train.steps <= phases:
+                raise ConfigError(f"train.steps={self.train.steps} leaves no room for the {phases} rank-decay "
+                                  "phases and a step at rank 0")
+            if self.decay_phase_steps * phases >= self.train.steps:
                 raise ConfigError(
-                    f"rank decay needs quant.decay_phase_steps x phases = {self.decay_phase_steps} x {phases} = "
-                    f"{self.decay_phase_steps * phases} steps, more than train.steps={self.train.steps}: the "
-                    "auxiliary module must be gone before training ends")
+                    f"rank decay removes the auxiliary module at step quant.decay_phase_steps x phases = "
+                    f"{self.decay_phase_steps} x {phases} = {self.decay_phase_steps * phases}, which must be < "
+                    f"train.steps={self.train.steps}: the auxiliary module must be gone before training ends")
 
     @property
     def decay_phase_steps(self) -> int:
-        """Phase length T: quant.decay_phase_steps, or train.steps // phases when that is None."""
+        """Phase length T: quant.decay_phase_steps, or (train.steps - 1) // phases when that is None (the
+        last step then runs without the auxiliary module, as in the published runs: 2667 steps, T = 444)."""
         q = self.quant
         if q.decay_phase_steps is not None:
             return q.decay_phase_steps
-        return max(1, self.train.steps // max(1, q.num_decay_phases))
+        return max(1, (self.train.steps - 1) // max(1, q.num_decay_phases))
 
     @property
     def objective(self) -> str:

@@ -19,21 +19,22 @@ from megatron_qvgen.quant.tp_reduce import sum_grad_over_group
 
 
 class ActivationQuantizer(nn.Module):
-    def __init__(self, quant: QuantConfig, device=None):
+    def __init__(self, quant: QuantConfig, device=None, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.bits = quant.act_bits
         self.clip_ratio = quant.act_clip_ratio
         self.num_groups = quant.num_timestep_groups
         logit = math.log(quant.act_clip_init / (1.0 - quant.act_clip_init))
-        self.clip_lower = nn.Parameter(torch.full((self.num_groups,), logit, dtype=torch.float32, device=device))
-        self.clip_upper = nn.Parameter(torch.full((self.num_groups,), logit, dtype=torch.float32, device=device))
+        self.clip_lower = nn.Parameter(torch.full((self.num_groups,), logit, dtype=dtype, device=device))
+        self.clip_upper = nn.Parameter(torch.full((self.num_groups,), logit, dtype=dtype, device=device))
 
     def clip_factors(self, groups: torch.Tensor, grad_group: Optional[dist.ProcessGroup] = None):
         """sigmoid of each sample's clip logits, shaped [batch, 1] to broadcast over (..., batch, hidden)."""
         lower = sum_grad_over_group(self.clip_lower, grad_group)
         upper = sum_grad_over_group(self.clip_upper, grad_group)
         groups = groups.to(lower.device)
-        return torch.sigmoid(lower)[groups].unsqueeze(-1), torch.sigmoid(upper)[groups].unsqueeze(-1)
+        return (torch.sigmoid(lower.float())[groups].unsqueeze(-1),
+                torch.sigmoid(upper.float())[groups].unsqueeze(-1))
 
     def forward(self, x: torch.Tensor, groups: torch.Tensor, row_group: Optional[dist.ProcessGroup] = None,
                 grad_group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:

@@ -48,9 +48,11 @@ class _QuantLinearMixin:
         self.quantized = is_quantized_name(name, quant)
         if not self.quantized:
             return
-        device = self.weight.device
-        self.weight_quantizer = LSQPlusWeightQuantizer(out_rows, self.input_size, quant, device=device)
-        self.act_quantizer = ActivationQuantizer(quant, device=device)
+        device, dtype = self.weight.device, self.weight.dtype
+        # One dtype for every parameter of the layer: megatron's bf16 optimizer checkpoints only
+        # all-float16 models (its sharded state dict maps parameter ids through the float16 groups).
+        self.weight_quantizer = LSQPlusWeightQuantizer(out_rows, self.input_size, quant, device=device, dtype=dtype)
+        self.act_quantizer = ActivationQuantizer(quant, device=device, dtype=dtype)
         if quant.aux_rank > 0:
             # Fixed r0-wide storage; the active rank lives in a (persisted) buffer and decays in place, so
             # parameter objects -- and megatron DDP's grad buffers -- stay put until rank 0 deletes them.
@@ -60,8 +62,23 @@ class _QuantLinearMixin:
             self.register_buffer("aux_active_rank", torch.tensor(quant.aux_rank, dtype=torch.long, device=device))
             self._active_rank = quant.aux_rank  # host mirror: reading the buffer would sync the GPU every forward
             self.register_load_state_dict_post_hook(lambda module, _keys: module._sync_active_rank())
+        self._tag_tensor_parallel()
         # Persisted: a checkpoint records whether PTQ initialisation (clip search + SVD) has happened.
         self.register_buffer("quant_initialized", torch.zeros((), dtype=torch.bool, device=device))
+
+    def _tag_tensor_parallel(self) -> None:
+        """megatron counts a parameter once per TP group in the grad norm (and reshards it) only if it
+        carries ``tensor_model_parallel``: tag the quantizer tensors that are split like the weight."""
+        from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+        if self._rows_split:
+            split = {self.weight_quantizer.scale: 0, self.weight_quantizer.zero_point: 0}
+            if self.quant.aux_rank > 0:
+                split[self.aux_L] = 0
+        else:
+            split = {self.aux_R: 1} if self.quant.aux_rank > 0 else {}
+        for param, dim in split.items():
+            set_tensor_model_parallel_attributes(param, is_parallel=True, dim=dim, stride=1)
 
     # ------------------------------------------------------------------ state
     @property

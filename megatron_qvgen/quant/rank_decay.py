@@ -111,7 +111,7 @@ class TorchOptimizerAdapter(OptimizerAdapter):
     def update(self, param, fn):
         with torch.no_grad():
             param.copy_(fn(param.detach()))
-        self.optimizer.state.pop(param, None)
+        reset_moments(self.optimizer.state.get(param))
 
     def remove(self, params):
         gone = {id(p) for p in params}
@@ -119,6 +119,16 @@ class TorchOptimizerAdapter(OptimizerAdapter):
             group["params"] = [p for p in group["params"] if id(p) not in gone]
         for p in params:
             self.optimizer.state.pop(p, None)
+
+
+def reset_moments(state: Optional[dict]) -> None:
+    """Zero a parameter's optimizer moments, keeping its step count (megatron's optimizers share one step
+    across all parameters; with Adam the first update after the reset is a damped sign step)."""
+    if not state:
+        return
+    for key, value in state.items():
+        if key != "step" and torch.is_tensor(value):
+            value.zero_()
 
 
 def _layers_with_aux(models) -> List[nn.Module]:
@@ -187,9 +197,11 @@ class RankDecay:
             raise RuntimeError(f"auxiliary factors have mixed ranks {sorted(ranks)}")
         return ranks.pop() if ranks else 0
 
-    def restore(self, step: int) -> None:
-        """Prepare a freshly built model for the checkpoint of ``step``: past the last phase the factors
-        no longer exist (earlier ranks live in the checkpoint's ``aux_active_rank`` buffers)."""
-        if self.schedule.active and self.schedule.rank_at(step) == 0:
+    def restore(self, completed_steps: int) -> None:
+        """Prepare a freshly built model for a checkpoint taken after ``completed_steps`` steps: once the
+        last boundary has run the factors no longer exist (earlier ranks live in the checkpoint's
+        ``aux_active_rank`` buffers). Boundaries run at the start of a step, so step ``c`` has not yet
+        applied its own."""
+        if completed_steps > 0 and self.schedule.active and self.schedule.rank_at(completed_steps - 1) == 0:
             for layer in _layers_with_aux(self.models):
                 layer.remove_aux()

@@ -20,14 +20,17 @@ from qvgen_kernels import codes
 
 
 class LSQPlusWeightQuantizer(nn.Module):
-    def __init__(self, out_rows: int, in_features: int, quant: QuantConfig, device=None):
-        """``out_rows``: output channels held by this rank; ``in_features``: the FULL input size."""
+    def __init__(self, out_rows: int, in_features: int, quant: QuantConfig, device=None,
+                 dtype: torch.dtype = torch.float32):
+        """``out_rows``: output channels held by this rank; ``in_features``: the FULL input size.
+        ``dtype``: the model's parameter dtype (bf16 training keeps fp32 masters in the optimizer, as the
+        published runs do; the codes are always computed in float32 from these values)."""
         super().__init__()
         self.bits = quant.weight_bits
         self.in_features = in_features
         self.quant = quant
-        self.scale = nn.Parameter(torch.ones(out_rows, 1, dtype=torch.float32, device=device))
-        self.zero_point = nn.Parameter(torch.zeros(out_rows, 1, dtype=torch.float32, device=device))
+        self.scale = nn.Parameter(torch.ones(out_rows, 1, dtype=dtype, device=device))
+        self.zero_point = nn.Parameter(torch.zeros(out_rows, 1, dtype=dtype, device=device))
         self.grad_factor = (1.0 / math.sqrt(in_features * codes.qmax(self.bits))) if quant.lsq_grad_scaling else 1.0
 
     def forward(self, weight: torch.Tensor, replicated_group: Optional[dist.ProcessGroup] = None,
@@ -43,8 +46,8 @@ class LSQPlusWeightQuantizer(nn.Module):
     @torch.no_grad()
     def quantize_exact(self, weight: torch.Tensor) -> torch.Tensor:
         """Q(W) without autograd (initialisation, export checks)."""
-        q = codes.weight_codes(weight, self.scale, self.zero_point, self.bits)
-        return codes.weight_dequant(q, self.scale, self.zero_point)
+        scale, zero = self.scale.float(), self.zero_point.float()
+        return codes.weight_dequant(codes.weight_codes(weight, scale, zero, self.bits), scale, zero)
 
     @torch.no_grad()
     def initialize(self, weight: torch.Tensor, row_group: Optional[dist.ProcessGroup] = None) -> None:

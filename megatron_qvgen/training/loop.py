@@ -1,0 +1,253 @@
+"""The distillation run: set-up (fresh or resumed), the step loop, monitoring, checkpoints, preemption."""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_qvgen.config import ExperimentConfig
+from megatron_qvgen.dist_ckpt import load_sharded
+from megatron_qvgen.models import build_model_chunks, reduce_replicated_grads
+from megatron_qvgen.models.common.schedule import video_tokens
+from megatron_qvgen.parallel import ParallelInfo, initialize_parallel
+from megatron_qvgen.quant import initialize_quantizers
+from megatron_qvgen.quant.rank_decay import RankDecay, RankDecaySchedule
+from megatron_qvgen.training import checkpointing as ckpt
+from megatron_qvgen.training.aux_stats import aux_singular_value_summary
+from megatron_qvgen.training.diffusion import objective_for
+from megatron_qvgen.training.distill import data_parallel_mean, distill_step, make_microbatches
+from megatron_qvgen.training.monitor import Monitor, latent_preview, peak_memory_gib, step_flops
+from megatron_qvgen.training.optimizer import (MegatronOptimizerAdapter, Optimization, build_optimization,
+                                               lrs_by_group, rebuild_without)
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive non-finite losses: the run stops; the last good checkpoint is untouched."""
+
+
+@dataclass
+class RunState:
+    step: int = 0                       # optimizer steps completed
+    nonfinite_skipped: int = 0
+    nonfinite_in_a_row: int = 0
+    losses: List[float] = field(default_factory=list)
+
+
+def _count_replicated_embedders_once(chunks, first_stage: bool) -> None:
+    """Embedders live on every pipeline stage; megatron's grad norm must count them once, so every copy
+    but the first stage's first chunk is tagged ``shared`` (megatron's mark for tied duplicates)."""
+    from megatron_qvgen.models.common.pipeline import PIPELINE_REPLICATED
+
+    for i, chunk in enumerate(chunks):
+        if first_stage and i == 0:
+            continue
+        for p in chunk.parameters():
+            if getattr(p, PIPELINE_REPLICATED, False):
+                p.shared = True
+
+
+class Trainer:
+    def __init__(self, cfg: ExperimentConfig, init_from: Optional[str] = None):
+        self.cfg = cfg
+        self.init_from = init_from
+        self.state = RunState()
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self) -> "Trainer":
+        cfg = self.cfg
+        self.info: ParallelInfo = initialize_parallel(cfg.parallel, seed=cfg.train.seed)
+        self.dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+        self.objective = objective_for(cfg.model.arch, cfg.train.flow_shift, cfg.train.snr_shift_scale)
+        self.teacher = self._build("bf16")
+        self.student = self._build("qat")
+        for chunk in self.teacher:
+            chunk.requires_grad_(False)
+            chunk.eval()
+        self.loader = self._build_loader()
+        self.schedule = RankDecaySchedule(cfg.quant, cfg.decay_phase_steps)
+        resume = ckpt.latest_checkpoint(cfg.train.load_dir or cfg.train.save_dir)
+        if self.init_from:
+            self._load_teacher(self.init_from)
+        self._copy_teacher_into_student()
+        if resume is not None:
+            common = ckpt.read_common(resume)
+            RankDecay(self.student, self.schedule).restore(common["step"])
+            self.opt = build_optimization(self.student, cfg)
+            common = ckpt.load_checkpoint(resume, self.opt.chunks, self.opt.optimizer, self.opt.scheduler)
+            self.state.step = common["step"]
+            extra = common["common"]
+            self.state.nonfinite_skipped = extra.get("nonfinite_skipped", 0)
+            self.loader.load_state_dict(extra["data"])
+            self.resumed_from = resume
+        else:
+            initialize_quantizers(self.student)   # PTQ: clip search + auxiliary SVD
+            self.opt = build_optimization(self.student, cfg)
+            self.resumed_from = None
+        self._wire_grad_finalisation()
+        self.decay = RankDecay(self.student, self.schedule, MegatronOptimizerAdapter(self.opt.optimizer))
+        self.monitor = Monitor(self._is_logging_rank(), cfg.train.tensorboard_dir, self.info.world_size)
+        self.preemption = ckpt.PreemptionFlag().install()
+        return self
+
+    def _build(self, spec: str):
+        cfg = self.cfg
+        # Same seed for both: with random initialisation teacher and student start from the same weights.
+        torch.manual_seed(cfg.train.seed)
+        chunks = build_model_chunks(cfg.model, cfg.parallel, spec=spec, quant=cfg.quant if spec == "qat" else None,
+                                    params_dtype=self.dtype, recompute=cfg.train.recompute and spec == "qat")
+        _count_replicated_embedders_once(chunks, first_stage=self.info.pp_rank == 0)
+        return chunks
+
+    def _build_loader(self):
+        from megatron_qvgen.data import build_latent_loader, ensure_synthetic_dataset
+
+        cfg, m = self.cfg, self.cfg.model
+        text_dim = m.text_dim if m.arch == "wan" else m.text_embed_dim
+        if self.info.rank == 0:
+            ensure_synthetic_dataset(cfg.data, m.in_channels, m.text_len, text_dim)
+        dist.barrier()
+        return build_latent_loader(cfg.data, cfg.train.micro_batch_size, self.info.dp_rank, self.info.dp_size,
+                                   latent_channels=m.in_channels, text_len=m.text_len, text_dim=text_dim)
+
+    def _load_teacher(self, path: str) -> None:
+        """Full-precision weights from a converted (diffusers -> megatron) checkpoint."""
+        request = {"model": self.teacher[0].sharded_state_dict()} if len(self.teacher) == 1 else \
+            {f"model{i}": c.sharded_state_dict() for i, c in enumerate(self.teacher)}
+        loaded = load_sharded(request, path)
+        for key, chunk in zip(sorted(loaded), self.teacher):
+            chunk.load_state_dict(loaded[key])
+
+    def _copy_teacher_into_student(self) -> None:
+        for t_chunk, s_chunk in zip(self.teacher, self.student):
+            result = s_chunk.load_state_dict(t_chunk.state_dict(), strict=False)
+            if result.unexpected_keys:
+                raise RuntimeError(f"teacher tensors with no student counterpart: {result.unexpected_keys[:5]}")
+
+    def _wire_grad_finalisation(self) -> None:
+        def finalize(model_chunks, *args, **kwargs):
+            # Embedders replicated over pipeline stages and sequence-parallel norm/bias params first:
+            # the distributed optimizer's reduce-scatter leaves only each rank's shard of a buffer valid.
+            # (megatron's finalize_model_grads assumes a language model's tied embeddings under PP.)
+            reduce_replicated_grads(model_chunks)
+            for chunk in model_chunks:
+                chunk.finish_grad_sync()
+
+        for chunk in self.opt.chunks:
+            config = chunk.config
+            config.finalize_model_grads_func = finalize
+            config.grad_scale_func = self.opt.optimizer.scale_loss
+
+    def _is_logging_rank(self) -> bool:
+        i = self.info
+        return i.pp_rank == i.pp_size - 1 and i.tp_rank == 0 and i.dp_rank == 0
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> RunState:
+        cfg, t = self.cfg, self.cfg.train
+        num_micro = t.num_microbatches(self.info.dp_size)
+        self.monitor.step_time()
+        try:
+            while self.state.step < t.steps:
+                if self.preemption.agreed():
+                    self.save()
+                    log.warning("preemption signal: checkpoint saved at step %d, stopping", self.state.step)
+                    break
+                self._one_step(num_micro)
+                step = self.state.step
+                if t.save_dir and t.save_interval and step % t.save_interval == 0 and step < t.steps:
+                    self.save()
+            else:
+                if t.save_dir:
+                    self.save()
+        finally:
+            self.preemption.uninstall()
+            self.monitor.close()
+        return self.state
+
+    def _one_step(self, num_micro: int) -> None:
+        cfg, t = self.cfg, self.cfg.train
+        step = self.state.step
+        gate = self.decay.on_step(step)
+        if self.decay.adapter.removed:  # rank 0 reached: rebuild DDP + optimizer without L and R
+            self.opt = rebuild_without(self.opt, cfg)
+            self._wire_grad_finalisation()
+            self.decay.adapter = MegatronOptimizerAdapter(self.opt.optimizer)
+        batches = [next(self.loader) for _ in range(num_micro)]
+        device = self.info.device
+        micro = make_microbatches(batches, self.objective, seed=t.seed, step=step, dp_rank=self.info.dp_rank,
+                                  arch=cfg.model.arch, dtype=self.dtype, device=device)
+        for chunk in self.opt.chunks:
+            chunk.zero_grad_buffer()
+        self.opt.optimizer.zero_grad()
+        result = distill_step(self.opt.chunks, self.teacher, micro, gate)
+        values: Dict[str, float] = {}
+        if result.finite:
+            ok, grad_norm, _ = self.opt.optimizer.step()
+            self.opt.scheduler.step(increment=1)
+            self.state.nonfinite_in_a_row = 0
+            values["grad_norm"] = grad_norm
+        else:
+            self.state.nonfinite_skipped += 1
+            self.state.nonfinite_in_a_row += 1
+            if self.state.nonfinite_in_a_row > t.max_consecutive_nonfinite:
+                last = ckpt.latest_checkpoint(t.save_dir) if t.save_dir else None
+                raise NonFiniteLossError(
+                    f"{self.state.nonfinite_in_a_row} consecutive non-finite losses at step {step} (limit "
+                    f"train.max_consecutive_nonfinite={t.max_consecutive_nonfinite}); the last good checkpoint "
+                    f"{last or '(none saved)'} is intact")
+        loss = data_parallel_mean(result.loss, device) if result.finite else (
+            float("nan") if result.loss is not None else None)
+        self.state.step += 1
+        if loss is not None:
+            self.state.losses.append(loss)
+        if self.state.step % t.log_interval == 0 or self.state.step == t.steps:
+            self._log(step, loss, values, gate, batches, result)
+
+    def _log(self, step, loss, values, gate, batches, result) -> None:
+        cfg = self.cfg
+        elapsed = self.monitor.step_time() / cfg.train.log_interval
+        latent_shape = batches[0].latents.shape
+        tokens = video_tokens(self.student[0], (1,) + tuple(latent_shape[1:]) if cfg.model.arch == "wan"
+                              else (1, latent_shape[2], latent_shape[1]) + tuple(latent_shape[3:]))
+        flops = step_flops(cfg.model, tokens, cfg.train.global_batch_size)
+        sv = aux_singular_value_summary(self.student)
+        bad = sum(self.loader.bad_samples.values())
+        values.update({
+            "loss": loss, "aux/rank": float(self.decay.current_rank()), "aux/gate": gate,
+            "throughput/samples_per_s": cfg.train.global_batch_size / max(elapsed, 1e-9),
+            "throughput/tflops_per_gpu": flops / max(elapsed, 1e-9) / self.info.world_size / 1e12,
+            "memory/peak_gib": peak_memory_gib(), "data/bad_samples": float(bad),
+            "nonfinite/skipped": float(self.state.nonfinite_skipped),
+            **{f"aux/{k}": v for k, v in sv.items()},
+            **{f"lr/{k}": v for k, v in lrs_by_group(self.opt.optimizer, cfg).items()},
+        })
+        if values.get("grad_norm") is not None:
+            values["grad_norm"] = float(values["grad_norm"])
+        self.monitor.scalars(self.state.step, values)
+        self.monitor.console(self.state.step, cfg.train.steps, values)
+        interval = cfg.train.image_interval
+        if interval and self.state.step % interval == 0 and result.teacher and result.student:
+            mb = result.inputs[0]
+            x_t, ts = mb["latents"][:1].float().cpu(), mb["timestep"][:1].cpu()
+            images = {}
+            for name, pred in (("teacher", result.teacher[0]), ("student", result.student[0])):
+                x0 = self.objective.predicted_x0(x_t, ts, pred[:1].float().cpu())[0]
+                images[f"samples/{name}_x0"] = latent_preview(x0 if cfg.model.arch == "wan" else x0.transpose(0, 1))
+            self.monitor.images(self.state.step, images)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self) -> Optional[str]:
+        t = self.cfg.train
+        if not t.save_dir or self.state.step == 0:
+            return None
+        common = {"data": self.loader.state_dict(), "nonfinite_skipped": self.state.nonfinite_skipped,
+                  "config": self.cfg.to_dict()}
+        return ckpt.save_checkpoint(t.save_dir, self.state.step, self.opt.chunks, self.opt.optimizer,
+                                    self.opt.scheduler, common)

@@ -1,0 +1,103 @@
+"""What a run shows: TensorBoard scalars and images, and the same figures as one console line per log step.
+
+Only the logging rank (last pipeline stage, first TP and DP rank: it holds the loss) writes. FLOPs are the
+model's own count per sample (linears and attention, forward = 1x, backward = 2x): the student's
+forward+backward plus the teacher's forward.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from typing import Dict, Optional
+
+import torch
+
+from megatron_qvgen.config import ModelConfig
+
+
+def forward_flops_per_sample(model: ModelConfig, video_tokens: int) -> float:
+    """Matmul FLOPs of one forward of one sample (2 per multiply-add)."""
+    h, layers, text = model.hidden_size, model.num_layers, model.text_len
+    if model.arch == "wan":
+        per_layer = (2 * video_tokens * (4 * h * h + 2 * h * h + 2 * h * model.ffn_dim)   # self qkvo, cross q/o, ffn
+                     + 2 * text * 2 * h * h                                                  # cross k, v on text tokens
+                     + 4 * video_tokens * video_tokens * h                                   # self-attention scores + values
+                     + 4 * video_tokens * text * h)                                          # cross-attention
+    else:  # CogVideoX: joint attention over [text; video]
+        seq = video_tokens + text
+        per_layer = 2 * seq * (4 * h * h + 2 * h * model.ffn_dim) + 4 * seq * seq * h
+    return float(per_layer * layers)
+
+
+def step_flops(model: ModelConfig, video_tokens: int, samples: int) -> float:
+    """Student forward+backward (3x) and teacher forward (1x)."""
+    return 4.0 * forward_flops_per_sample(model, video_tokens) * samples
+
+
+class Monitor:
+    def __init__(self, is_logging_rank: bool, tensorboard_dir: Optional[str], world_size: int):
+        self.is_logging_rank = is_logging_rank
+        self.world_size = world_size
+        self.writer = None
+        if is_logging_rank and tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=tensorboard_dir)
+        self._last = time.perf_counter()
+
+    def step_time(self) -> float:
+        now = time.perf_counter()
+        elapsed, self._last = now - self._last, now
+        return elapsed
+
+    def scalars(self, step: int, values: Dict[str, float]) -> None:
+        if self.writer is None:
+            return
+        for key, value in values.items():
+            if value is not None and math.isfinite(float(value)):
+                self.writer.add_scalar(key, float(value), step)
+
+    def images(self, step: int, images: Dict[str, torch.Tensor]) -> None:
+        """``images``: name -> float tensor [3, H, W] in [0, 1]."""
+        if self.writer is None:
+            return
+        for key, img in images.items():
+            self.writer.add_image(key, img.clamp(0, 1), step, dataformats="CHW")
+
+    def console(self, step: int, total: int, values: Dict[str, float]) -> None:
+        if not self.is_logging_rank:
+            return
+        parts = [f"step {step}/{total}"]
+        for key in ("loss", "grad_norm", "lr/weights", "aux/rank", "aux/gate", "throughput/samples_per_s",
+                    "throughput/tflops_per_gpu", "memory/peak_gib", "data/bad_samples", "nonfinite/skipped"):
+            if key in values and values[key] is not None:
+                v = values[key]
+                parts.append(f"{key.split('/')[-1]} {v:.4g}" if isinstance(v, float) else f"{key.split('/')[-1]} {v}")
+        print(" | ".join(parts), file=sys.stdout, flush=True)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
+
+
+def latent_preview(latent: torch.Tensor) -> torch.Tensor:
+    """First frame of a latent (C, F, H, W), three channels min-max scaled to [0, 1] for a look."""
+    frame = latent[:3, 0].float()
+    if frame.shape[0] < 3:
+        frame = torch.cat([frame, frame[:1].expand(3 - frame.shape[0], -1, -1)])
+    lo = frame.amin(dim=(1, 2), keepdim=True)
+    hi = frame.amax(dim=(1, 2), keepdim=True)
+    return (frame - lo) / (hi - lo).clamp_min(1e-6)
+
+
+def peak_memory_gib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    except ImportError:  # pragma: no cover - non-POSIX
+        return float("nan")
