@@ -26,6 +26,7 @@ from .qgemm import PackedWeight, quant_matmul_torch
 from .triton_env import INTERPRETER_HINT, interpreter_active
 
 BACKENDS = ("auto", "triton", "torch")
+_EXACT_BUFFERS = ("weight_scale", "weight_zero", "act_clip_lower", "act_clip_upper")
 RESIDENCIES = ("packed", "int8")
 
 _WORKSPACES: Dict[Tuple[torch.device, torch.dtype], torch.Tensor] = {}
@@ -100,8 +101,16 @@ class QuantizedLinear(nn.Module):
         self.refresh_derived()
 
     def _apply(self, fn, recurse=True):
-        self._resident_codes = None      # device/dtype moves invalidate the resident copy
-        return super()._apply(fn, recurse)
+        """Device moves apply to every buffer; dtype casts (``model.to(torch.bfloat16)``) never reach the float32
+        scales, zero points and clip factors that define the codes."""
+        self._resident_codes = None
+        exact = {name: getattr(self, name) for name in _EXACT_BUFFERS}
+        super()._apply(fn, recurse)
+        for name, before in exact.items():
+            after = getattr(self, name)
+            if after.dtype != before.dtype:
+                setattr(self, name, before.to(after.device))
+        return self
 
     def packed_weight(self) -> PackedWeight:
         return PackedWeight(packed=self.weight_codes, scale=self.weight_scale, zero=self.weight_zero,
