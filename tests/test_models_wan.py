@@ -132,9 +132,13 @@ def _parity_worker(rank, world, workdir):
                                   sequence_parallel=sp)
         initialize_parallel(parallel, seed=1234)
         chunks = build_model_chunks(cfg, parallel, recompute=recompute)
+        initial_embedders = [torch.cat([p.detach().flatten() for p in c.condition_embedder.parameters()])
+                             for c in chunks]
         load_model(chunks, os.path.join(workdir, f"{name}_megatron"), cfg)
         key = (name, tp, pp, vp, sp, recompute)
         results[key] = _compare_layout(chunks, cfg, references[name], _probe(cfg))
+        results[key]["initial_embedders"] = initial_embedders
+        results[key]["tp_rank"] = parallel_state.get_tensor_model_parallel_rank()
         if (name, tp, pp, vp, sp, recompute) == ("even", 2, 2, None, False, False):
             save_model(chunks, os.path.join(workdir, "even_tp2pp2_saved"), cfg)
             results["qat"] = _qat_tp2_pp2(cfg, parallel, workdir)
@@ -196,6 +200,14 @@ def test_forward_and_gradients_equal_diffusers(parity, layout):
         assert got["prediction"] <= REL, f"prediction differs by {got['prediction']:.2e} at {layout}"
         last_stage_outputs += got["outputs"]
     assert last_stage_outputs > 0, "no rank produced predictions"
+
+
+def test_replicated_embedders_start_equal_on_every_stage_and_chunk(parity):
+    _, per_rank = parity
+    for layout in LAYOUTS:
+        for tp_rank in {r[layout]["tp_rank"] for r in per_rank}:  # compare the same TP shard
+            copies = [c for r in per_rank if r[layout]["tp_rank"] == tp_rank for c in r[layout]["initial_embedders"]]
+            assert len(copies) >= 2 and all(torch.equal(copies[0], c) for c in copies), layout
 
 
 def test_diffusers_megatron_tp2_pp2_diffusers_is_bit_identical(parity):

@@ -79,10 +79,7 @@ def load_diffusers_model(folder: Path, arch: str, dtype: torch.dtype = torch.flo
     model_cfg = read_model_config(folder, arch)
     model = WanTransformer3DModel(**model_cfg.diffusers_kwargs())
     source = SafetensorsSource(folder)
-    try:
-        state = {key: source.get(key) for key in source.shapes()}
-    finally:
-        source.close()
+    state = {key: source.get(key) for key in source.shapes()}
     model.load_state_dict(state, strict=True)
     return model.to(dtype)
 
@@ -107,43 +104,44 @@ class SafetensorsSource:
 
     def __init__(self, folder: Path):
         self.folder = folder
-        self._files: Dict[str, Path] = {}
-        self._handles: Dict[Path, object] = {}
         index, single = folder / INDEX_NAME, folder / WEIGHTS_NAME
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (OSError, json.JSONDecodeError, KeyError) as exc:
                 raise ConversionError(f"{index}: not a safetensors index ({exc})") from None
-            self._files = {key: folder / name for key, name in weight_map.items()}
+            self._files: Dict[str, Path] = {key: folder / name for key, name in weight_map.items()}
         elif single.is_file():
-            self._files = {key: single for key in self._open(single).keys()}
+            self._files = {key: single for key in self._header(single)}
         else:
             raise ConversionError(f"{folder}: neither {WEIGHTS_NAME} nor {INDEX_NAME} found "
                                   "(only safetensors weights are read)")
         self._meta: Dict[str, Tuple[Tuple[int, ...], torch.dtype]] = {}
         for path in sorted(set(self._files.values())):
-            handle = self._open(path)
-            for key in handle.keys():
+            for key, meta in self._header(path).items():
                 if self._files.get(key) == path:
-                    sl = handle.get_slice(key)
-                    dtype = _DTYPES.get(sl.get_dtype())
-                    if dtype is None:
-                        raise ConversionError(f"{path}: tensor {key} has unsupported dtype {sl.get_dtype()}")
-                    self._meta[key] = (tuple(sl.get_shape()), dtype)
+                    self._meta[key] = meta
         missing = sorted(set(self._files) - set(self._meta))
         if missing:
             raise ConversionError(f"{folder}: the index lists {missing[:3]} but their files do not hold them")
 
-    def _open(self, path: Path):
-        if path not in self._handles:
-            if not path.is_file():
-                raise ConversionError(f"{path}: weight file listed in the index is missing")
-            try:
-                self._handles[path] = safe_open(str(path), framework="pt")
-            except (SafetensorError, OSError) as exc:
-                raise ConversionError(f"{path}: not a readable safetensors file ({exc})") from None
-        return self._handles[path]
+    @staticmethod
+    def _header(path: Path) -> Dict[str, Tuple[Tuple[int, ...], torch.dtype]]:
+        """key -> (shape, dtype) from a file's header, without reading tensor data."""
+        if not path.is_file():
+            raise ConversionError(f"{path}: weight file listed in the index is missing")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                out = {}
+                for key in handle.keys():
+                    sl = handle.get_slice(key)
+                    dtype = _DTYPES.get(sl.get_dtype())
+                    if dtype is None:
+                        raise ConversionError(f"{path}: tensor {key} has unsupported dtype {sl.get_dtype()}")
+                    out[key] = (tuple(sl.get_shape()), dtype)
+                return out
+        except (SafetensorError, OSError) as exc:
+            raise ConversionError(f"{path}: not a readable safetensors file ({exc})") from None
 
     def shapes(self) -> Dict[str, Tuple[int, ...]]:
         return {key: shape for key, (shape, _) in self._meta.items()}
@@ -152,13 +150,14 @@ class SafetensorsSource:
         return self._meta[key][1]
 
     def get(self, key: str) -> torch.Tensor:
+        """One tensor, read through a fresh handle: no file stays memory-mapped between tensors, so the
+        resident memory of a conversion is one tensor, not the checkpoint."""
+        path = self._files[key]
         try:
-            return self._open(self._files[key]).get_tensor(key)
-        except SafetensorError as exc:
-            raise ConversionError(f"{self._files[key]}: cannot read tensor {key} ({exc})") from None
-
-    def close(self) -> None:
-        self._handles.clear()
+            with safe_open(str(path), framework="pt") as handle:
+                return handle.get_tensor(key)
+        except (SafetensorError, OSError) as exc:
+            raise ConversionError(f"{path}: cannot read tensor {key} ({exc})") from None
 
 
 def write_diffusers_folder(dst: str | os.PathLike, config: dict, tensors: Iterable[Tuple[str, torch.Tensor]],

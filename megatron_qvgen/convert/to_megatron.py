@@ -40,12 +40,8 @@ def diffusers_to_megatron(src: str | os.PathLike, dst: str | os.PathLike, *, arc
                               f"{pipeline_parallel}: {exc}") from None
     table = table_for(arch)
     source = SafetensorsSource(folder)
-    try:
-        table.check_keys(model_cfg, source.shapes(), side="diffusers", where=str(folder))
-        entries = table.entries(model_cfg)
-        tensors = [(e.megatron, e.shape, source.dtype(e.diffusers), partial(source.get, e.diffusers))
-                   for e in entries]
-        written = write_streaming(dst, tensors, model_cfg, progress=progress)
-    finally:
-        source.close()
+    table.check_keys(model_cfg, source.shapes(), side="diffusers", where=str(folder))
+    entries = table.entries(model_cfg)
+    tensors = [(e.megatron, e.shape, source.dtype(e.diffusers), partial(source.get, e.diffusers)) for e in entries]
+    written = write_streaming(dst, tensors, model_cfg, progress=progress)
     return ConversionSummary(written, len(entries), table.parameter_count(model_cfg), model_cfg)

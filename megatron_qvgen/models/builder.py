@@ -49,7 +49,7 @@ def build_model(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, *, spec: s
     model = build_module(model_spec, config, model_cfg=model_cfg, pre_process=pre_process,
                          post_process=post_process, recompute=recompute, vp_stage=vp_stage,
                          num_timestep_groups=groups)
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and any(p.device.type == "cpu" for p in model.parameters()):
         model.cuda(torch.cuda.current_device())
     return model
 

@@ -12,6 +12,7 @@ global index.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from typing import Optional, Sequence, Union
 
@@ -54,10 +55,12 @@ class WanModel(MegatronModule):
         # Only the first chunk of the first stage writes the replicated embedders to checkpoints.
         self.pipeline_replica = pp_rank * (vp_size or 1) + (vp_stage or 0)
 
-        # Same initial values on every stage and chunk, whatever was built before on this rank.
+        # The replicated embedders start equal on every stage and chunk: initialised on the CPU from the
+        # run's seed, whatever this rank built before.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(torch.initial_seed())
-            self.condition_embedder = WanConditionEmbedder(config, submodules.linears, model_cfg)
+            torch.default_generator.manual_seed(torch.initial_seed())
+            self.condition_embedder = WanConditionEmbedder(
+                dataclasses.replace(config, use_cpu_initialization=True), submodules.linears, model_cfg)
         mark_pipeline_replicated(self.condition_embedder)
         self.rotary = WanRotaryTables(model_cfg.attention_head_dim)
 
