@@ -125,6 +125,8 @@ def test_codes_match_codes_py_on_gpu_at_model_width():
     lo = torch.sigmoid(torch.randn(50, generator=gen)).cuda()
     hi = torch.sigmoid(torch.randn(50, generator=gen)).cuda()
     for k in (1536, 5120, 13824):
-        x = (torch.randn(2 * 2048, k, generator=gen) * 3).to(torch.bfloat16).cuda()
+        magnitude = 10.0 ** (torch.rand(2 * 2048, 1, generator=gen) * 60 - 30)     # rows from 1e-30 to 1e30
+        magnitude[:2048] = 3.0
+        x = (torch.randn(2 * 2048, k, generator=gen) * magnitude).to(torch.bfloat16).cuda()
         _assert_identical(x, torch.tensor([7, 49], device="cuda"), 2048, lo, hi, 0.95, 4)
         _assert_identical(x, torch.tensor([0, 13], device="cuda"), 2048, lo, hi, 0.95, 3)
