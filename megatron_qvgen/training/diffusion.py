@@ -35,14 +35,18 @@ class FlowMatching:
         sigma = 1.0 - levels.double() / NUM_TRAIN_TIMESTEPS
         return self.shift * sigma / (1.0 + (self.shift - 1.0) * sigma)
 
-    def add_noise(self, x0: torch.Tensor, gen: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(x_t, timestep) for a batch x0 [B, ...]."""
+    def add_noise(self, x0: torch.Tensor, gen: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x_t, timestep, noise) for a batch x0 [B, ...]."""
         levels = torch.randint(0, NUM_TRAIN_TIMESTEPS, (x0.shape[0],), generator=gen)
         noise = torch.randn(x0.shape, generator=gen, dtype=torch.float32)
         sigma = self.sigmas(levels)
         s = sigma.float().view(-1, *([1] * (x0.dim() - 1)))
         x_t = (1.0 - s) * x0.float() + s * noise
-        return x_t, (sigma * NUM_TRAIN_TIMESTEPS).float()
+        return x_t, (sigma * NUM_TRAIN_TIMESTEPS).float(), noise
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        """The velocity eps - x0 (what a model is trained to predict from scratch)."""
+        return noise - x0.float()
 
     def predicted_x0(self, x_t: torch.Tensor, timestep: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
         """x0 = x_t - sigma v (v = eps - x0): for looking at what the model predicts."""
@@ -63,11 +67,16 @@ class VPrediction:
         abar = torch.cumprod(1.0 - betas, dim=0)
         return abar / (self.snr_shift_scale + (1.0 - self.snr_shift_scale) * abar)
 
-    def add_noise(self, x0: torch.Tensor, gen: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
+    def add_noise(self, x0: torch.Tensor, gen: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (x0.shape[0],), generator=gen)
         noise = torch.randn(x0.shape, generator=gen, dtype=torch.float32)
         abar = self.alphas_cumprod()[t].float().view(-1, *([1] * (x0.dim() - 1)))
-        return abar.sqrt() * x0.float() + (1.0 - abar).sqrt() * noise, t
+        return abar.sqrt() * x0.float() + (1.0 - abar).sqrt() * noise, t, noise
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        """v = sqrt(abar) eps - sqrt(1 - abar) x0."""
+        abar = self.alphas_cumprod()[timestep.long()].float().view(-1, *([1] * (x0.dim() - 1)))
+        return abar.sqrt() * noise - (1.0 - abar).sqrt() * x0.float()
 
     def predicted_x0(self, x_t: torch.Tensor, timestep: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         abar = self.alphas_cumprod()[timestep.long()].float().view(-1, *([1] * (x_t.dim() - 1)))

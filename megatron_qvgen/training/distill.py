@@ -35,7 +35,7 @@ def make_microbatches(batches, objective, *, seed: int, step: int, dp_rank: int,
     out = []
     for i, batch in enumerate(batches):
         gen = noise_generator(seed, step, dp_rank * len(batches) + i)
-        x_t, timestep = objective.add_noise(batch.latents, gen)
+        x_t, timestep, _ = objective.add_noise(batch.latents, gen)
         if arch == "cogvideox":  # stored (C, F, H, W); diffusers' CogVideoX takes (B, F, C, H, W)
             x_t = x_t.permute(0, 2, 1, 3, 4)
         out.append({

@@ -92,7 +92,8 @@ class Trainer:
             self.resumed_from = None
         self._wire_grad_finalisation()
         self.decay = RankDecay(self.student, self.schedule, MegatronOptimizerAdapter(self.opt.optimizer))
-        self.monitor = Monitor(self._is_logging_rank(), cfg.train.tensorboard_dir, self.info.world_size)
+        self.monitor = Monitor(self._is_logging_rank(), cfg.train.tensorboard_dir, self.info.world_size,
+                               total_steps=cfg.train.steps, start_step=self.state.step)
         self.preemption = ckpt.PreemptionFlag().install()
         return self
 
@@ -207,6 +208,7 @@ class Trainer:
         self.state.step += 1
         if loss is not None:
             self.state.losses.append(loss)
+        self.monitor.advance(loss, self.decay.current_rank())
         if self.state.step % t.log_interval == 0 or self.state.step == t.steps:
             self._log(step, loss, values, gate, batches, result)
 

@@ -36,7 +36,8 @@ def step_flops(model: ModelConfig, video_tokens: int, samples: int) -> float:
 
 
 class Monitor:
-    def __init__(self, is_logging_rank: bool, tensorboard_dir: Optional[str], world_size: int):
+    def __init__(self, is_logging_rank: bool, tensorboard_dir: Optional[str], world_size: int,
+                 total_steps: int = 0, start_step: int = 0, progress_bar: bool = True):
         self.is_logging_rank = is_logging_rank
         self.world_size = world_size
         self.writer = None
@@ -44,7 +45,19 @@ class Monitor:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=tensorboard_dir)
+        self.bar = None
+        if is_logging_rank and progress_bar and total_steps:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="QAT distillation", unit="step",
+                            dynamic_ncols=True, file=sys.stderr)
         self._last = time.perf_counter()
+
+    def advance(self, loss: Optional[float], rank: int) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            if loss is not None:
+                self.bar.set_postfix(loss=f"{loss:.4g}", aux_rank=rank, refresh=False)
 
     def step_time(self) -> float:
         now = time.perf_counter()
@@ -74,9 +87,15 @@ class Monitor:
             if key in values and values[key] is not None:
                 v = values[key]
                 parts.append(f"{key.split('/')[-1]} {v:.4g}" if isinstance(v, float) else f"{key.split('/')[-1]} {v}")
-        print(" | ".join(parts), file=sys.stdout, flush=True)
+        line = " | ".join(parts)
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stdout)
+        else:
+            print(line, file=sys.stdout, flush=True)
 
     def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The main job on a fresh CPU machine: set-up, a tiny full-precision teacher fitted on synthetic latent shards
+# (both made if missing), then QVGen W4A4 QAT distillation of the tiny Wan recipe at TP=2 with rank decay to
+# r = 0, a progress bar, TensorBoard logs and a final checkpoint. Extra arguments override config fields,
+# e.g. `bash scripts/demo.sh --train.steps 120 --quant.weight_bits 3`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_env.sh
+. .venv/bin/activate
+OUT=${OUT_DIR:-outputs/tiny_wan}
+NPROC=${NPROC:-2}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+if [ ! -f "$OUT/teacher/qvgen_complete" ]; then
+  torchrun --standalone --nproc-per-node 1 -m megatron_qvgen.fit_teacher --recipe tiny_wan --out "$OUT/teacher" \
+    --steps 300 --data.shards "$OUT/data" --data.synthesize_if_missing true
+fi
+torchrun --standalone --nproc-per-node "$NPROC" -m megatron_qvgen.train --recipe tiny_wan --init-from "$OUT/teacher" \
+  --data.shards "$OUT/data" --data.synthesize_if_missing true --parallel.tensor_parallel "$NPROC" \
+  --train.steps 60 --train.lr 1e-4 --train.aux_lr 1e-4 --train.log_interval 10 --train.image_interval 20 \
+  --train.save_dir "$OUT/checkpoints" --train.tensorboard_dir "$OUT/tensorboard" "$@"
+echo "done: final checkpoint $OUT/checkpoints/$(cat "$OUT/checkpoints/latest" 2>/dev/null); TensorBoard: tensorboard --logdir $OUT/tensorboard"
