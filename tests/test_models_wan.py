@@ -11,7 +11,6 @@ bit-identical round trip) and runs the QAT spec at W4A4 forward and backward.
 import dataclasses
 import os
 import warnings
-from pathlib import Path
 
 import pytest
 import torch

@@ -3,10 +3,10 @@
 Run from the repository root on a machine with 2 GPUs (megatron-core and diffusers installed; install
 this repository without dependencies first: ``pip install --no-deps -e .``):
 
-    torchrun --nproc-per-node 2 benchmarks/model_parity/wan_gpu_parity.py --tp 1 2 --dtype fp32 bf16
+    torchrun --nproc-per-node 2 benchmarks/model_parity/wan_gpu_parity.py --json RESULTS.json
 
 Rank 0 writes random diffusers weights (fp32) and converts them with the streaming converter; then every
-requested layout loads the converted checkpoint, runs megatron's pipeline schedule (NCCL), and the rank
+requested layout (TP = 1, 2, and 2 with sequence parallelism; fp32 and bf16) loads the converted checkpoint, runs megatron's pipeline schedule (NCCL), and the rank
 holding the prediction compares it with diffusers' ``WanTransformer3DModel`` on the same input. TF32 is
 off so fp32 means fp32. Prints one line per (TP, dtype) and a JSON summary (``--json``).
 """
@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*not installed.*")
 
+from megatron_qvgen.convert.diffusers_io import diffusers_config_dict, write_diffusers_folder  # noqa: E402
 from megatron_qvgen.convert.to_megatron import diffusers_to_megatron  # noqa: E402
 from megatron_qvgen.convert.verify import verify_conversion  # noqa: E402
 from megatron_qvgen.parallel import init_distributed  # noqa: E402
@@ -31,20 +32,23 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def write_random_diffusers(folder: str, seed: int) -> None:
+    """A diffusers folder (config.json + safetensors) of the real 1.3B config with random fp32 weights."""
     from diffusers import WanTransformer3DModel
 
+    model_cfg = get_recipe("wan_1_3b").model
     torch.manual_seed(seed)
-    model = WanTransformer3DModel(**get_recipe("wan_1_3b").model.diffusers_kwargs())
+    model = WanTransformer3DModel(**model_cfg.diffusers_kwargs())
     with torch.no_grad():  # move norms and tables away from their trivial initial values
         for param in model.parameters():
             param.add_(0.02 * torch.randn_like(param))
-    model.save_pretrained(folder)
+    write_diffusers_folder(folder, diffusers_config_dict(model_cfg), model.state_dict().items())
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="/tmp/wan13b_parity")
     parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--no-sequence-parallel", action="store_true", help="skip the TP>1 runs with SP")
     parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
     parser.add_argument("--latent-frames", type=int, default=6, help="latent frames (temporal patch 1)")
     parser.add_argument("--latent-height", type=int, default=16, help="tokens along height (latent H / 2)")
@@ -70,20 +74,25 @@ def main() -> int:
     dist.barrier()
 
     results = []
+    layouts = [(tp, False) for tp in args.tp]
+    if not args.no_sequence_parallel:
+        layouts += [(tp, True) for tp in args.tp if tp > 1]
     for dtype in args.dtype:
-        for tp in args.tp:
+        for tp, sp in layouts:
             start = time.time()
-            report = verify_conversion(diffusers_dir, megatron_dir, tensor_parallel=tp, dtype=DTYPES[dtype],
+            report = verify_conversion(diffusers_dir, megatron_dir, tensor_parallel=tp, sequence_parallel=sp,
+                                       dtype=DTYPES[dtype],
                                        seed=args.seed, latent_frames=args.latent_frames,
                                        latent_height=args.latent_height, latent_width=args.latent_width,
                                        text_len=args.text_len)
             reports = [None] * dist.get_world_size()
             dist.all_gather_object(reports, None if report is None else vars(report))
             report = next(r for r in reports if r is not None)
-            row = {"tp": tp, "dtype": dtype, **report, "seconds": round(time.time() - start, 1)}
+            row = {"tp": tp, "sequence_parallel": sp, "dtype": dtype, **report,
+                   "seconds": round(time.time() - start, 1)}
             results.append(row)
             if rank == 0:
-                print(f"TP={tp} {dtype}: output {tuple(row['shape'])} max abs diff {row['max_abs']:.3e}, "
+                print(f"TP={tp}{' SP' if sp else ''} {dtype}: output {tuple(row['shape'])} max abs diff {row['max_abs']:.3e}, "
                       f"max rel diff {row['max_rel']:.3e} (reference max {row['reference_max']:.3e})", flush=True)
     if rank == 0:
         summary = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
