@@ -7,6 +7,7 @@ runs diffusers' model and returns the differences (None on other ranks).
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 from dataclasses import dataclass
@@ -64,7 +65,7 @@ def verify_conversion(diffusers_dir: str | os.PathLike, ckpt_dir: str | os.PathL
     batch = {k: v.to(device) for k, v in random_inputs(model_cfg, seed=seed, **input_sizes).items()}
     for chunk in chunks:
         chunk.eval()
-    with torch.no_grad():
+    with torch.no_grad(), _full_fp32():
         outputs = run_pipeline(chunks, [batch], forward_only=True)
     reporter = (parallel_state.is_pipeline_last_stage(ignore_virtual=True)
                 and parallel_state.get_tensor_model_parallel_rank() == 0
@@ -82,9 +83,20 @@ def verify_conversion(diffusers_dir: str | os.PathLike, ckpt_dir: str | os.PathL
                       shape=tuple(reference.shape))
 
 
+@contextlib.contextmanager
+def _full_fp32():
+    """TF32 off for both models (cuDNN convolutions use it by default): fp32 comparisons stay fp32."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def _diffusers_prediction(folder, arch, batch, dtype, device) -> torch.Tensor:
     model = load_diffusers_model(folder, arch, dtype).to(device).eval()
-    with torch.no_grad():
+    with torch.no_grad(), _full_fp32():
         out = model(batch["latents"].to(dtype), batch["timestep"], batch["text_embeds"].to(dtype),
                     return_dict=False)[0]
     return out.float()
