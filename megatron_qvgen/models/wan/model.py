@@ -42,6 +42,7 @@ class WanModel(MegatronModule):
                  num_timestep_groups: Optional[int] = None):
         super().__init__(config)
         self.model_type = ModelType.encoder_or_decoder  # read by megatron's schedules
+        self.vp_stage = vp_stage
         self.model_cfg = model_cfg
         self.pre_process, self.post_process = pre_process, post_process
         self.recompute = recompute
