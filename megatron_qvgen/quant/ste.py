@@ -6,9 +6,21 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t, factor):
+        ctx.factor = factor
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
 def scale_grad(t: torch.Tensor, factor: float) -> torch.Tensor:
-    """Same value, gradient multiplied by ``factor`` (LSQ's gradient scaling of step size and zero point)."""
+    """Exactly the same value, gradient multiplied by ``factor`` (LSQ's gradient scaling of step size and
+    zero point). The usual ``(t - t*f).detach() + t*f`` trick can move the value by an ulp, and the codes
+    of the export are computed from the stored value: the fake quantizer must use that very value."""
     if factor == 1.0:
         return t
-    scaled = t * factor
-    return (t - scaled).detach() + scaled
+    return _ScaleGrad.apply(t, factor)

@@ -107,10 +107,16 @@ def _model_sharded_union(model_state: Dict[str, Any]) -> Dict[str, Any]:
     return merged
 
 
-def save_checkpoint(save_dir: str, step: int, chunks, optimizer, scheduler, common: Dict[str, Any]) -> str:
-    """Collective. ``common``: JSON-like values saved once (config, data position, counters)."""
+def save_checkpoint(save_dir: str, step: int, chunks, optimizer, scheduler, common: Dict[str, Any],
+                    model_cfg=None) -> str:
+    """Collective. ``common``: JSON-like values saved once (config, data position, counters).
+    ``model_cfg`` is recorded the way the conversion tools read it, so they take training checkpoints too."""
+    from megatron_qvgen.convert.checkpoint_io import content_metadata
+
     path = iteration_dir(save_dir, step)
     state = _model_state(chunks)
+    if model_cfg is not None:
+        state.update(content_metadata(model_cfg))
     state["optimizer"] = optimizer.sharded_state_dict(_model_sharded_union(state))
     state["rng_state"] = _rng_object(is_loading=False)
     state["scheduler"] = scheduler.state_dict()

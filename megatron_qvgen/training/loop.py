@@ -252,4 +252,4 @@ class Trainer:
         common = {"data": self.loader.state_dict(), "nonfinite_skipped": self.state.nonfinite_skipped,
                   "config": self.cfg.to_dict()}
         return ckpt.save_checkpoint(t.save_dir, self.state.step, self.opt.chunks, self.opt.optimizer,
-                                    self.opt.scheduler, common)
+                                    self.opt.scheduler, common, model_cfg=self.cfg.model)

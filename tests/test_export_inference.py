@@ -1,0 +1,108 @@
+"""QAT training checkpoint -> standalone inference folder -> qvgen_kernels runtime, against the fake-quant
+megatron model at TP=1; integer codes bit-identical to the fake quantizer's; live auxiliary module refused."""
+import os
+
+import pytest
+import torch
+
+from megatron_qvgen.convert.to_inference import AuxiliaryModuleNotDecayed, export_inference
+from multiproc import run_distributed
+from numerics import max_rel_diff
+from test_trainer import _save_teacher, _train, tiny_cfg
+from qvgen_kernels import codes
+from qvgen_kernels.format import load_export
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    teacher = str(root / "teacher")
+    run_distributed(_save_teacher, 1, tiny_cfg(str(root / "x")), teacher)
+    run_dir = str(root / "run")
+    save = os.path.join(run_dir, "ckpt")
+    cfg = tiny_cfg(run_dir, steps=6, save_dir=save, save_interval=2)
+    run_distributed(_train, 1, cfg, teacher)
+    return root, cfg, save
+
+
+def _student_and_runtime(rank, world, cfg, ckpt, export_dir):
+    """The trained student (fake quantisation, megatron, TP=1) and the runtime on the same inputs."""
+    from megatron_qvgen.dist_ckpt import load_sharded
+    from megatron_qvgen.models import build_model_chunks
+    from megatron_qvgen.parallel import initialize_parallel
+    from megatron_qvgen.quant import quant_context, quant_linears
+    from megatron_qvgen.quant.rank_decay import RankDecay, RankDecaySchedule
+    from megatron_qvgen.training.checkpointing import read_common
+    from qvgen_kernels.wan_model import WanRuntimeTransformer
+
+    initialize_parallel(cfg.parallel, seed=0)
+    student = build_model_chunks(cfg.model, cfg.parallel, spec="qat", quant=cfg.quant)[0]
+    RankDecay(student, RankDecaySchedule(cfg.quant, cfg.decay_phase_steps)).restore(read_common(ckpt)["step"])
+    student.load_state_dict(load_sharded({"model": student.sharded_state_dict()}, ckpt)["model"])
+    gen = torch.Generator().manual_seed(3)
+    latents = torch.randn(2, 4, 2, 8, 8, generator=gen)
+    timestep = torch.tensor([913.7, 87.2])
+    text = torch.randn(2, 8, 16, generator=gen)
+    with torch.no_grad(), quant_context(aux_gate=1.0):
+        y_student = student(latents, timestep, text)
+        # the export stores every unquantised tensor (and the biases) in bf16: the same model with those rounded
+        quant_params = {id(p) for l in quant_linears(student) for n, p in l.named_parameters() if n != "bias"}
+        for p in student.parameters():
+            if id(p) not in quant_params:
+                p.copy_(p.bfloat16().float())
+        y_student_bf16_tensors = student(latents, timestep, text)
+    runtime = WanRuntimeTransformer.from_export(export_dir)
+    with torch.no_grad():
+        y_runtime = runtime(latents, timestep, text, return_dict=False)[0].float()
+        y_runtime_fp32 = runtime.float()(latents, timestep, text, return_dict=False)[0]
+    # per linear: the runtime's integer codes of an input equal the fake quantizer's
+    export = load_export(export_dir)
+    same_weight, same_act = True, True
+    for layer in quant_linears(student):
+        ex = export.linears[layer.quant_name]
+        w_codes = codes.weight_codes(layer.weight, layer.weight_quantizer.scale.float(),
+                                     layer.weight_quantizer.zero_point.float(), cfg.quant.weight_bits)
+        same_weight &= torch.equal(codes.unpack_codes(ex.weight_codes, ex.in_features).float(), w_codes)
+        x = torch.randn(5, 2, ex.in_features, generator=gen) * 3
+        groups = torch.tensor([17, 42])
+        a_lo, a_hi = layer.act_quantizer.clip_factors(groups)
+        lo, hi = codes.act_clip_range(x, cfg.quant.act_clip_ratio, a_lo, a_hi)
+        s, z = codes.act_qparams(lo, hi, cfg.quant.act_bits)
+        fake = codes.act_codes(x, s, z, cfg.quant.act_bits)
+        rt = runtime.get_submodule(layer.quant_name)
+        act = rt.quantize_input(x.transpose(0, 1).reshape(-1, ex.in_features), groups, 5, use_triton=False)
+        same_act &= torch.equal(act.codes.float().reshape(2, 5, -1).transpose(0, 1), fake)
+    return {"student": y_student, "student_bf16_tensors": y_student_bf16_tensors, "runtime": y_runtime,
+            "runtime_fp32": y_runtime_fp32, "same_weight": torch.tensor(same_weight),
+            "same_act": torch.tensor(same_act)}
+
+
+def test_export_runs_in_the_runtime_like_the_fake_quant_model(trained, tmp_path):
+    root, cfg, save = trained
+    out = str(tmp_path / "export")
+    summary = export_inference(save, out, progress=False)
+    assert summary.step == 6 and summary.aux_rank == 0 and summary.quantized > 0
+    r = run_distributed(_student_and_runtime, 1, cfg, os.path.join(save, "iter_0000006"), out)[0]
+    assert bool(r["same_weight"]), "exported weight codes differ from the fake quantizer's"
+    assert bool(r["same_act"]), "runtime activation codes differ from the fake quantizer's"
+    # Exact up to float32 rounding once the student's unquantised tensors are the export's bf16 values ...
+    assert max_rel_diff(r["runtime_fp32"], r["student_bf16_tensors"]) < 1e-5
+    # ... and in bf16 compute the outputs agree as well as bf16 rounding allows at W4A4: activations that land
+    # near a code boundary can flip (measured here: rel. max diff ~0.1; the fake-quant student itself moves
+    # ~0.12 when its unquantised tensors are rounded to bf16).
+    cos = torch.nn.functional.cosine_similarity(r["runtime"].flatten(), r["student"].flatten(), dim=0)
+    assert float(cos) > 0.99, float(cos)
+
+
+def test_live_auxiliary_module_is_refused_unless_kept(trained, tmp_path):
+    root, cfg, save = trained
+    early = os.path.join(save, "iter_0000002")  # T = 1: rank 2 after two steps
+    with pytest.raises(AuxiliaryModuleNotDecayed, match="still holds the auxiliary module at rank 2"):
+        export_inference(early, str(tmp_path / "refused"), progress=False)
+    assert not (tmp_path / "refused").exists()
+    s = export_inference(early, str(tmp_path / "kept"), keep_aux=True, progress=False)
+    assert s.aux_rank == 2
+    export = load_export(str(tmp_path / "kept"))
+    assert all(l.aux_left is not None and l.aux_left.shape[1] == 2 for l in export.linears.values())
+    with pytest.raises(FileExistsError):
+        export_inference(early, str(tmp_path / "kept"), keep_aux=True, progress=False)
