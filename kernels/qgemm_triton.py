@@ -52,12 +52,13 @@ class GemmConfig:
 
 
 def default_config(M: int, N: int, K: int) -> GemmConfig:
-    """Tile shape and variant by problem size (H100 sweep, benchmarks/kernels/RESULTS.md)."""
+    """Tile shape and variant by problem size (H100 sweep, benchmarks/kernels/RESULTS.md): 128 x 256 x 128
+    tiles, 4 stages, one persistent program per SM; 256 x 128 when N is small (1536 / 1920)."""
     if M <= 64:
         return GemmConfig(block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=4, variant="tma")
-    if N <= 128:
-        return GemmConfig(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=4, variant="tma")
-    return GemmConfig(block_m=128, block_n=256, block_k=128, num_warps=8, num_stages=4, variant="tma")
+    if N <= 2048:
+        return GemmConfig(block_m=256, block_n=128, block_k=128, num_warps=8, num_stages=4, variant="tma")
+    return GemmConfig(block_m=128, block_n=256, block_k=128, num_warps=8, num_stages=4, variant="tma_persistent")
 
 
 # ------------------------------------------------------------------------------------------ epilogue

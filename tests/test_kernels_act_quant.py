@@ -46,7 +46,7 @@ def _rows(n, k, dtype, gen):
     return x.to(dtype)
 
 
-@pytest.mark.parametrize("k", [48, 192, 203, 1536, 2100])
+@pytest.mark.parametrize("k", [48, 192, 203, 1536, 1920, 2100])
 @pytest.mark.parametrize("bits", [4, 3])
 def test_codes_match_codes_py(k, bits):
     gen = torch.Generator().manual_seed(k + bits)

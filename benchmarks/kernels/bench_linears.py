@@ -38,8 +38,8 @@ SHAPES = {  # (name, in_features K, out_features N)
     "tiny": [("attn", 128, 64)],   # CPU dry run of this script under TRITON_INTERPRET=1
 }
 SWEEP = [  # (block_m, block_n, block_k, num_warps, num_stages, variant); the default config is timed anyway
-    (128, 256, 128, 8, 4, "tma_persistent"), (128, 128, 128, 8, 4, "tma_persistent"), (256, 128, 128, 8, 4, "tma"),
-    (128, 256, 256, 8, 2, "tma"),
+    (128, 256, 128, 8, 4, "tma"), (128, 256, 128, 8, 4, "tma_persistent"), (256, 128, 128, 8, 4, "tma"),
+    (256, 128, 128, 8, 4, "tma_persistent"),
 ]
 SWEEP_TOKENS = (32760,)
 GROUPS = 50

@@ -22,7 +22,7 @@ fi
 
 if [ $SECONDS -lt ${PROFILE_BEFORE_S:-400} ] && command -v ncu >/dev/null; then
   timeout 60 ncu -k regex:"_gemm|_act_quant" -c 2 --section SpeedOfLight --section Occupancy --section LaunchStats \
-    python3 benchmarks/kernels/profile_one.py --M 32760 --K 5120 --N 5120 --variant ${PROFILE_VARIANT:-tma} \
+    python3 benchmarks/kernels/profile_one.py --M 32760 --K ${PROFILE_K:-5120} --N ${PROFILE_N:-5120} --variant ${PROFILE_VARIANT:-tma} \
     > $OUT/ncu.txt 2>&1; grep -E "^  [a-z_]+|Duration|Throughput|Registers|Achieved Occupancy" $OUT/ncu.txt | head -24
 fi
 tar czf $OUT/triton_cache.tgz -C ~/.triton cache 2>/dev/null
