@@ -31,12 +31,14 @@ setup(
     ],
     extras_require={
         "kernels": ["triton>=3.0"],
-        "convert": ["diffusers>=0.35", "transformers>=4.45"],
+        # diffusers' from_pretrained needs accelerate for low_cpu_mem_usage loading
+        "convert": ["diffusers>=0.35", "transformers>=4.45", "accelerate"],
         "data": ["diffusers>=0.35", "transformers>=4.45", "av"],
         "test": [
             "pytest>=8",
             "diffusers>=0.35",
             "transformers>=4.45",
+            "accelerate",
             "av",
             "triton>=3.0",
         ],

@@ -84,7 +84,7 @@ def _load_and_compare(rank, world, path, full_params, gate):
             full = full_params[name]
             p.copy_(full if split is None else full.chunk(world, dim=split)[tp])
         for layer in (direct.col, direct.row):
-            layer.quant_initialized.fill_(True)
+            layer.mark_initialized()
             layer.set_active_rank(4)
     with quant_context(timestep_groups=torch.tensor([5, 6, 7]), aux_gate=gate):
         y_loaded, y_direct = loaded(_x()).detach(), direct(_x()).detach()

@@ -132,6 +132,11 @@ def check_model_parallel(model: ModelConfig, tensor_parallel: int, pipeline_para
                           f"parallel.tensor_parallel={tp}")
     if model.ffn_dim % tp:
         raise ConfigError(f"model FFN size {model.ffn_dim} is not divisible by parallel.tensor_parallel={tp}")
+    patch = model.patch_size
+    outputs = model.out_channels * (patch[0] * patch[1] * patch[2] if isinstance(patch, tuple) else patch * patch)
+    if outputs % tp:
+        raise ConfigError(f"model.out_channels x patch volume = {outputs} (proj_out) is not divisible by "
+                          f"parallel.tensor_parallel={tp}")
     chunks = pp * (virtual_pipeline or 1)
     if model.num_layers % chunks:
         raise ConfigError(f"model.num_layers={model.num_layers} is not divisible by pipeline stages x "

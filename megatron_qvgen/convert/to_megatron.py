@@ -16,7 +16,6 @@ from megatron_qvgen.convert.diffusers_io import SafetensorsSource, read_model_co
 from megatron_qvgen.convert.checkpoint_io import write_streaming
 from megatron_qvgen.convert.errors import ConversionError
 from megatron_qvgen.convert.tables import table_for
-from megatron_qvgen.models.common.megatron_config import check_output_projection
 
 
 @dataclass
@@ -34,7 +33,6 @@ def diffusers_to_megatron(src: str | os.PathLike, dst: str | os.PathLike, *, arc
     model_cfg = read_model_config(folder, arch)
     try:
         check_model_parallel(model_cfg, tensor_parallel, pipeline_parallel)
-        check_output_projection(model_cfg, tensor_parallel)
     except ConfigError as exc:
         raise ConversionError(f"{folder}: this model cannot run at --tp {tensor_parallel} --pp "
                               f"{pipeline_parallel}: {exc}") from None

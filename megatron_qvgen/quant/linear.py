@@ -61,10 +61,11 @@ class _QuantLinearMixin:
             self.aux_R = nn.Parameter(torch.zeros(quant.aux_rank, in_cols, dtype=dtype, device=device))
             self.register_buffer("aux_active_rank", torch.tensor(quant.aux_rank, dtype=torch.long, device=device))
             self._active_rank = quant.aux_rank  # host mirror: reading the buffer would sync the GPU every forward
-            self.register_load_state_dict_post_hook(lambda module, _keys: module._sync_active_rank())
         self._tag_tensor_parallel()
         # Persisted: a checkpoint records whether PTQ initialisation (clip search + SVD) has happened.
         self.register_buffer("quant_initialized", torch.zeros((), dtype=torch.bool, device=device))
+        self._initialized = False  # host mirror (no GPU sync per forward)
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._sync_host_mirrors())
 
     def _tag_tensor_parallel(self) -> None:
         """megatron counts a parameter once per TP group in the grad norm (and reshards it) only if it
@@ -94,9 +95,17 @@ class _QuantLinearMixin:
         self.aux_active_rank.fill_(rank)
         self._active_rank = rank
 
-    def _sync_active_rank(self) -> None:
-        if self.quantized and hasattr(self, "aux_active_rank"):
+    def _sync_host_mirrors(self) -> None:
+        """After a checkpoint load: one read of the persisted buffers."""
+        if not self.quantized:
+            return
+        self._initialized = bool(self.quant_initialized)
+        if hasattr(self, "aux_active_rank"):
             self._active_rank = int(self.aux_active_rank)
+
+    def mark_initialized(self) -> None:
+        self.quant_initialized.fill_(True)
+        self._initialized = True
 
     @property
     def _tp_group_if_split(self):
@@ -134,7 +143,7 @@ class _QuantLinearMixin:
             self.aux_L.copy_(l_local)
             self.aux_R.copy_(r_local)
             self.set_active_rank(rank)
-        self.quant_initialized.fill_(True)
+        self.mark_initialized()
 
     # ------------------------------------------------------------------ auxiliary factors
     def remove_aux(self) -> None:
@@ -163,7 +172,7 @@ class _QuantLinearMixin:
     def _quantized_forward_impl(self, input, weight, parent_impl, *args, **kwargs):
         if not self.quantized:
             return parent_impl(input, weight, *args, **kwargs)
-        if not bool(self.quant_initialized):
+        if not self._initialized:
             raise RuntimeError(f"{type(self).__name__} '{self.quant_name}' is not initialised: call "
                                "megatron_qvgen.quant.initialize_quantizers(model) after loading the weights")
         groups = current_quant_context().timestep_groups

@@ -11,7 +11,6 @@ import torch
 import torch.distributed as dist
 
 from megatron_qvgen.config import ExperimentConfig
-from megatron_qvgen.dist_ckpt import load_sharded
 from megatron_qvgen.models import build_model_chunks, reduce_replicated_grads
 from megatron_qvgen.models.common.schedule import video_tokens
 from megatron_qvgen.parallel import ParallelInfo, initialize_parallel
@@ -118,12 +117,13 @@ class Trainer:
                                    latent_channels=m.in_channels, text_len=m.text_len, text_dim=text_dim)
 
     def _load_teacher(self, path: str) -> None:
-        """Full-precision weights from a converted (diffusers -> megatron) checkpoint."""
-        request = {"model": self.teacher[0].sharded_state_dict()} if len(self.teacher) == 1 else \
-            {f"model{i}": c.sharded_state_dict() for i, c in enumerate(self.teacher)}
-        loaded = load_sharded(request, path)
-        for key, chunk in zip(sorted(loaded), self.teacher):
-            chunk.load_state_dict(loaded[key])
+        """Full-precision weights from a converted (diffusers -> megatron) checkpoint, checked against
+        the model config it records when it records one."""
+        from megatron_qvgen.convert.checkpoint_io import CONTENT_KEY, load_model
+        from megatron_qvgen.dist_ckpt import load_common
+
+        recorded = CONTENT_KEY in (load_common(path) or {})
+        load_model(self.teacher, path, self.cfg.model if recorded else None)
 
     def _copy_teacher_into_student(self) -> None:
         for t_chunk, s_chunk in zip(self.teacher, self.student):

@@ -7,7 +7,6 @@ the only place that translates our dataclass configs into it, with the flags tha
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Optional
 
 import torch
@@ -27,7 +26,6 @@ def transformer_config(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, *,
 
     check_model_parallel(model_cfg, parallel_cfg.tensor_parallel, parallel_cfg.pipeline_parallel,
                          parallel_cfg.virtual_pipeline)
-    check_output_projection(model_cfg, parallel_cfg.tensor_parallel)
     if use_cpu_initialization is None:
         use_cpu_initialization = not torch.cuda.is_available()
     interleaved = parallel_cfg.virtual_pipeline is not None and parallel_cfg.virtual_pipeline > 1
@@ -64,16 +62,6 @@ def transformer_config(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, *,
         cuda_graph_scope=[],
         **extra,
     )
-
-
-def check_output_projection(model_cfg: ModelConfig, tensor_parallel: int) -> None:
-    """proj_out is column-parallel: its out_channels x patch volume outputs must split over TP."""
-    patch = model_cfg.patch_size
-    volume = math.prod(patch) if isinstance(patch, tuple) else patch * patch
-    outputs = model_cfg.out_channels * volume
-    if outputs % tensor_parallel:
-        raise ConfigError(f"model.out_channels x patch volume = {outputs} (proj_out) is not divisible by "
-                          f"parallel.tensor_parallel={tensor_parallel}")
 
 
 def without_sequence_parallel(config):
