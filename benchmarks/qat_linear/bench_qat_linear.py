@@ -90,6 +90,9 @@ def layer_step(layer, x, gy):
 def time_ms(step, params, rep_ms):
     import triton.testing
 
+    step()   # compilation and autotuning stay out of do_bench's own estimate of the step time
+    for p in params:
+        p.grad = None
     return triton.testing.do_bench(step, warmup=max(50, rep_ms // 4), rep=rep_ms, grad_to_none=params,
                                    return_mode="median")
 
@@ -158,13 +161,16 @@ def kernel_split(step, params, iters=3):
             step()
         torch.cuda.synchronize()
     split = defaultdict(float)
+    kernels = {}
     for evt in prof.key_averages():
         device_us = getattr(evt, "self_device_time_total", None)
         if device_us is None:
             device_us = evt.self_cuda_time_total
         if device_us > 0:
             split[classify(evt.key)] += device_us / 1e3 / iters
-    return dict(sorted(split.items(), key=lambda kv: -kv[1]))
+            kernels[evt.key[:90]] = round(device_us / 1e3 / iters, 4)
+    top = dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:12])
+    return dict(sorted(split.items(), key=lambda kv: -kv[1])), top
 
 
 def quantizer_pieces(layer, x, rep_ms):
@@ -202,6 +208,18 @@ def quantizer_pieces(layer, x, rep_ms):
 
     leaves = [xg, a_lo, a_hi, weight, scale, zero, aux_l, aux_r]
     out = {}
+    # forward codes at the autotuned configs: bit-identical to the reference (weights without the aux term,
+    # whose rank-r product is summed in another order)
+    with torch.no_grad():
+        forwards = {}
+        for path, ctx in (("ref", reference_path), ("fused", contextlib.nullcontext)):
+            with ctx():
+                forwards[path] = (fake_quant.fake_quant_activation(x, a_lo, a_hi, aq.clip_ratio, aq.bits),
+                                  fake_quant.fake_quant_weight(layer.weight, wq.scale, wq.zero_point, wq.bits,
+                                                               wq.grad_factor, None, None, torch.bfloat16))
+        out["act_forward_bit_identical"] = bool(torch.equal(forwards["ref"][0], forwards["fused"][0]))
+        out["weight_forward_bit_identical"] = bool(torch.equal(forwards["ref"][1], forwards["fused"][1]))
+        del forwards
     for path, ctx in (("ref", reference_path), ("fused", contextlib.nullcontext)):
         with ctx():
             for name, fn in (("act_fwd", act(False)), ("act_fwdbwd", act(True)), ("w_fwd", wt(False)),
@@ -209,34 +227,9 @@ def quantizer_pieces(layer, x, rep_ms):
                 out[f"{path}_{name}"] = time_ms(fn, leaves, rep_ms)
     act_bytes = x.numel() * x.element_size()
     # fused forward moves x in and x_hat out (2 passes); backward moves x, grad in, dx out (3 passes)
-    out["fused_act_fwd_GBps"] = 2 * act_bytes / out["fused_act_fwd"] / 1e6
+    out["fused_act_fwd_GBps"] = 2 * act_bytes / out["fused_act_fwd"] / 1e6   # reads x once, writes x_hat
     out["fused_act_bwd_GBps"] = 3 * act_bytes / max(out["fused_act_fwdbwd"] - out["fused_act_fwd"], 1e-6) / 1e6
     return out
-
-
-def sweep_act_blocks(x, rep_ms):
-    """Forward+backward time of the fused activation quantiser under several (BLOCK_M, BLOCK_N, warps)."""
-    from megatron_qvgen.quant import fused_fake_quant
-
-    a = torch.full((x.shape[-2], 1), 0.9, device=x.device, requires_grad=True)
-    xg = x.detach().requires_grad_(True)
-    gx = torch.randn_like(x)
-    default = fused_fake_quant.act_block_sizes
-    results = {}
-    configs = [default(x.shape[-1]), (1, 1024, 4), (1, 2048, 8), (2, 1024, 8), (1, 512, 2), (4, 512, 8),
-               (2, 2048, 8), (1, 4096, 8)]
-    for cfg in dict.fromkeys(configs):
-        fused_fake_quant.act_block_sizes = lambda n, cfg=cfg: cfg
-        try:
-            def run():
-                fused_fake_quant.fake_quant_activation(xg, a, a, 0.95, 4).backward(gx)
-
-            results[str(cfg)] = time_ms(run, [xg, a], rep_ms)
-        except Exception as err:  # noqa: BLE001 - a config that does not compile is reported, not fatal
-            results[str(cfg)] = repr(err)[:120]
-        finally:
-            fused_fake_quant.act_block_sizes = default
-    return results
 
 
 # ---------------------------------------------------------------- main
@@ -262,6 +255,7 @@ def run_shape(name, k, n, tokens, rep_ms, args):
     mparams = [x] + list(mlayer.parameters())
     mstep = layer_step(mlayer, x, gy)
     row["megatron_bf16_ms"] = time_ms(mstep, mparams, rep_ms)
+    row["megatron_bf16_kernel_split_ms"], row["megatron_bf16_top_kernels_ms"] = kernel_split(mstep, mparams)
     del mlayer, mstep
 
     qlayer = make_layer(k, n, QuantConfig(weight_bits=4, act_bits=4, aux_rank=32))
@@ -277,12 +271,10 @@ def run_shape(name, k, n, tokens, rep_ms, args):
     row["fused_ratio"] = row["fused_ms"] / row["bf16_ms"]
     row["fused_vs_megatron_bf16"] = row["fused_ms"] / row["megatron_bf16_ms"]
     row["max_rel_diff_fused_vs_reference"] = compare_paths(qlayer, x, gy)
-    row["fused_kernel_split_ms"] = kernel_split(qstep, qparams)
+    row["fused_kernel_split_ms"], row["fused_top_kernels_ms"] = kernel_split(qstep, qparams)
     with reference_path():
-        row["reference_kernel_split_ms"] = kernel_split(qstep, qparams)
+        row["reference_kernel_split_ms"], _ = kernel_split(qstep, qparams)
     row["quantizer_pieces_ms"] = quantizer_pieces(qlayer, x, rep_ms)
-    if args.sweep:
-        row["act_block_sweep_ms"] = sweep_act_blocks(x, rep_ms)
     return row
 
 
@@ -303,7 +295,6 @@ def main():
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--tokens", type=int, default=32760, help="M: 32760 = Wan 480p, 81 frames")
     parser.add_argument("--rep-ms", type=int, default=400, help="do_bench time budget per measurement")
-    parser.add_argument("--sweep", action="store_true", help="also time several activation-kernel block sizes")
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for results.json")
     args = parser.parse_args()
 
@@ -322,7 +313,20 @@ def main():
         with open(os.path.join(args.out, "results.json"), "w") as f:   # after every shape: a cut-off run keeps some
             json.dump({"device": device, "date": time.strftime("%Y-%m-%d"), "rows": rows}, f, indent=1)
         torch.cuda.empty_cache()
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"device": device, "date": time.strftime("%Y-%m-%d"), "rows": rows,
+                   "autotuned_configs": autotuned_configs()}, f, indent=1)
+    print(json.dumps(autotuned_configs(), indent=1))
     print_table(rows, device)
+
+
+def autotuned_configs():
+    """The block sizes each autotuned kernel picked, by tuning key."""
+    from megatron_qvgen.quant import fused_act_kernels, fused_weight_kernels
+
+    kernels = (fused_act_kernels.act_fake_quant_fwd_kernel, fused_act_kernels.act_fake_quant_bwd_kernel,
+               fused_weight_kernels.weight_fake_quant_fwd_kernel, fused_weight_kernels.weight_fake_quant_bwd_rows_kernel)
+    return {k.base_fn.__name__: {str(key): str(cfg) for key, cfg in getattr(k, "cache", {}).items()} for k in kernels}
 
 
 if __name__ == "__main__":

@@ -23,9 +23,10 @@ import torch
 import torch.distributed as dist
 import triton
 
-from megatron_qvgen.quant.fused_act_kernels import (act_block_sizes, act_fake_quant_bwd_kernel,
-                                                    act_fake_quant_fwd_kernel, row_range_kernel)
-from megatron_qvgen.quant.fused_weight_kernels import (rank_padding, weight_fake_quant_bwd_right_kernel,
+from megatron_qvgen.quant.fused_act_kernels import (act_fake_quant_bwd_kernel, act_fake_quant_fwd_kernel,
+                                                    range_block_sizes, row_range_kernel)
+from megatron_qvgen.quant.fused_weight_kernels import (BWD_COLS_PER_SPLIT, rank_padding,
+                                                       weight_fake_quant_bwd_right_kernel,
                                                        weight_fake_quant_bwd_rows_kernel, weight_fake_quant_fwd_kernel)
 from megatron_qvgen.quant.ste import scale_grad
 from megatron_qvgen.quant.tp_reduce import group_size
@@ -35,11 +36,8 @@ from qvgen_kernels.act_quant import scalar_division_uses_reciprocal
 # Bit-identical codes need the reference's exact float32 operation sequence: no a*b+c contracted to fma.
 _EXACT = dict(enable_fp_fusion=False)
 
-# Weight-kernel tiles: forward (rows, cols); backward row pass (rows, cols); backward dR pass (rows, cols).
-_W_FWD_TILE = (32, 128)
-_W_BWD_ROWS_TILE = (16, 128)
-_W_BWD_RIGHT_TILE = (64, 64)
-_FILL_PROGRAMS = 4 * 132  # enough programs for every SM of an H100 (132) a few times over
+_W_BWD_RIGHT_TILE = (64, 64)   # dR pass (rows, cols)
+_FILL_PROGRAMS = 4 * 132       # enough programs for every SM of an H100 (132) a few times over
 
 
 def _dot_precision(t: torch.Tensor) -> str:
@@ -49,9 +47,15 @@ def _dot_precision(t: torch.Tensor) -> str:
 
 
 def _scalars(bits: int, device: torch.device):
+    """(qmax, 1/qmax in float32, whether torch divides by a scalar through its reciprocal here, whether the
+    kernels divide with fused multiply-adds: compiled GPU code yes, the interpreter no)."""
     qmax = codes.qmax(bits)
     inv_qmax = float(np.float32(1) / np.float32(qmax))
-    return float(qmax), inv_qmax, scalar_division_uses_reciprocal(device.type)
+    return float(qmax), inv_qmax, scalar_division_uses_reciprocal(device.type), device.type == "cuda"
+
+
+def _row_grid(n_rows):
+    return lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"]),)
 
 
 # ---------------------------------------------------------------- activations
@@ -61,23 +65,21 @@ class _ActivationFakeQuant(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2d, a_lo_rows, a_hi_rows, clip_ratio: float, bits: int, group):
         n_rows, n_cols = x2d.shape
-        qmax, inv_qmax, reciprocal = _scalars(bits, x2d.device)
-        block_m, block_n, num_warps = act_block_sizes(n_cols)
-        grid = (triton.cdiv(n_rows, block_m),)
+        qmax, inv_qmax, reciprocal, fma_div = _scalars(bits, x2d.device)
         rmin = torch.empty(n_rows, dtype=torch.float32, device=x2d.device)
         rmax = torch.empty_like(rmin)
         split = group_size(group) > 1
         if split:
-            row_range_kernel[grid](x2d, rmin, rmax, n_rows, N=n_cols, BLOCK_M=block_m, BLOCK_N=block_n,
-                                   num_warps=num_warps)
+            block_m, block_n, num_warps = range_block_sizes(n_cols)
+            row_range_kernel[(triton.cdiv(n_rows, block_m),)](x2d, rmin, rmax, n_rows, N=n_cols, BLOCK_M=block_m,
+                                                              BLOCK_N=block_n, num_warps=num_warps)
             extremes = torch.stack((-rmin, rmax))  # negation is exact: one MAX all-reduce gives both
             dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=group)
             rmin, rmax = -extremes[0], extremes[1].contiguous()
         out = torch.empty_like(x2d)
-        act_fake_quant_fwd_kernel[grid](
+        act_fake_quant_fwd_kernel[_row_grid(n_rows)](
             x2d, out, rmin, rmax, a_lo_rows, a_hi_rows, n_rows, clip_ratio, qmax, inv_qmax, codes.SCALE_EPS,
-            N=n_cols, BLOCK_M=block_m, BLOCK_N=block_n, RANGE_GIVEN=split, RECIPROCAL=reciprocal,
-            num_warps=num_warps, **_EXACT)
+            N=n_cols, RANGE_GIVEN=split, RECIPROCAL=reciprocal, FMA_DIV=fma_div, **_EXACT)
         ctx.save_for_backward(x2d, rmin, rmax, a_lo_rows, a_hi_rows)
         ctx.clip_ratio, ctx.bits, ctx.group, ctx.split = clip_ratio, bits, group, split
         return out
@@ -86,24 +88,23 @@ class _ActivationFakeQuant(torch.autograd.Function):
     def backward(ctx, grad_out):
         x2d, rmin, rmax, a_lo_rows, a_hi_rows = ctx.saved_tensors
         n_rows, n_cols = x2d.shape
-        qmax, inv_qmax, reciprocal = _scalars(ctx.bits, x2d.device)
-        block_m, block_n, num_warps = act_block_sizes(n_cols)
-        grid = (triton.cdiv(n_rows, block_m),)
+        qmax, inv_qmax, reciprocal, fma_div = _scalars(ctx.bits, x2d.device)
         grad_out = grad_out.contiguous()
         dx = torch.empty_like(x2d)
         g_alo = torch.empty_like(a_lo_rows)
         g_ahi = torch.empty_like(a_hi_rows)
-        ext = torch.zeros(4, n_rows, dtype=torch.float32, device=x2d.device) if ctx.split else rmin
+        ext = torch.zeros(8, n_rows, dtype=torch.float32, device=x2d.device) if ctx.split else rmin
 
         def launch(phase):
-            act_fake_quant_bwd_kernel[grid](
+            act_fake_quant_bwd_kernel[_row_grid(n_rows)](
                 x2d, grad_out, dx, rmin, rmax, a_lo_rows, a_hi_rows, g_alo, g_ahi, ext, n_rows,
-                ctx.clip_ratio, qmax, inv_qmax, codes.SCALE_EPS, N=n_cols, BLOCK_M=block_m, BLOCK_N=block_n,
-                PHASE=phase, RECIPROCAL=reciprocal, num_warps=num_warps, **_EXACT)
+                ctx.clip_ratio, qmax, inv_qmax, codes.SCALE_EPS, N=n_cols, PHASE=phase, RECIPROCAL=reciprocal,
+                FMA_DIV=fma_div, **_EXACT)
 
         if ctx.split:
             launch(1)
-            dist.all_reduce(ext, group=ctx.group)  # row-extreme gradients and tie counts of the whole row
+            # the row extremes' gradients and tie counts of the whole row (lines 4-7 stay local)
+            dist.all_reduce(ext[:4], group=ctx.group)
             launch(2)
         else:
             launch(0)
@@ -141,11 +142,10 @@ class _WeightFakeQuant(torch.autograd.Function):
         left = aux_l.contiguous() if has_aux else s
         right = aux_r.contiguous() if has_aux else s
         out = torch.empty(n_out, k, dtype=out_dtype or torch.float32, device=w.device)
-        bm, bn = _W_FWD_TILE
-        weight_fake_quant_fwd_kernel[(triton.cdiv(n_out, bm), triton.cdiv(k, bn))](
+        weight_fake_quant_fwd_kernel[lambda meta: (triton.cdiv(n_out, meta["BLOCK_M"]), triton.cdiv(k, meta["BLOCK_N"]))](
             w, s, z, left, right, out, float(codes.qmax(bits)), N_OUT=n_out, K=k, RANK=max(rank, 1),
-            RANK_PAD=rank_padding(rank), HAS_AUX=has_aux, BLOCK_M=bm, BLOCK_N=bn,
-            DOT_PRECISION=_dot_precision(w), num_warps=4, **_EXACT)
+            RANK_PAD=rank_padding(rank), HAS_AUX=has_aux, DOT_PRECISION=_dot_precision(w), FMA_DIV=w.is_cuda,
+            **_EXACT)
         ctx.save_for_backward(w, s, z, left, right)
         ctx.bits, ctx.rank, ctx.has_aux = bits, rank, has_aux
         ctx.dtypes = (weight.dtype, scale.dtype, zero.dtype)
@@ -158,31 +158,35 @@ class _WeightFakeQuant(torch.autograd.Function):
         n_out, k = w.shape
         g = grad_out.contiguous()
         w_dtype, s_dtype, z_dtype = ctx.dtypes
-        dw = torch.empty(n_out, k, dtype=w_dtype, device=w.device)
-        ds = torch.empty(n_out, dtype=torch.float32, device=w.device)
-        dz = torch.empty_like(ds)
         rank, has_aux, precision = ctx.rank, ctx.has_aux, _dot_precision(w)
-        dl = torch.empty_like(left) if has_aux else ds
-        bm, bn = _W_BWD_ROWS_TILE
-        weight_fake_quant_bwd_rows_kernel[(triton.cdiv(n_out, bm),)](
+        # column slices of the row pass: the whole width in the interpreter's few small cases
+        cols_per_split = BWD_COLS_PER_SPLIT if w.is_cuda else 128
+        splits = triton.cdiv(k, cols_per_split)
+        dw = torch.empty(n_out, k, dtype=w_dtype, device=w.device)
+        ds = torch.empty(splits, n_out, dtype=torch.float32, device=w.device)
+        dz = torch.empty_like(ds)
+        dl = torch.empty(splits, n_out, max(rank, 1), dtype=torch.float32, device=w.device)
+        dot_bf16 = w.is_cuda and has_aux and g.dtype == torch.bfloat16 and right.dtype == torch.bfloat16
+        weight_fake_quant_bwd_rows_kernel[lambda meta: (triton.cdiv(n_out, meta["BLOCK_M"]), splits)](
             g, w, s, z, right, dw, ds, dz, dl, float(codes.qmax(ctx.bits)), N_OUT=n_out, K=k, RANK=max(rank, 1),
-            RANK_PAD=rank_padding(rank), HAS_AUX=has_aux, BLOCK_M=bm, BLOCK_N=bn, DOT_PRECISION=precision,
-            num_warps=4, **_EXACT)
+            RANK_PAD=rank_padding(rank), HAS_AUX=has_aux, COLS_PER_SPLIT=cols_per_split, DOT_BF16=dot_bf16,
+            DOT_PRECISION=precision, FMA_DIV=w.is_cuda, **_EXACT)
         dr = None
         if has_aux and ctx.needs_input_grad[4]:
             bm, bn = _W_BWD_RIGHT_TILE
             col_blocks = triton.cdiv(k, bn)
-            splits = max(1, min(triton.cdiv(_FILL_PROGRAMS, col_blocks), triton.cdiv(n_out, bm)))
-            rows_per_split = triton.cdiv(triton.cdiv(n_out, splits), bm) * bm
-            splits = triton.cdiv(n_out, rows_per_split)
-            partial = torch.empty(splits, rank, k, dtype=torch.float32, device=w.device)
-            weight_fake_quant_bwd_right_kernel[(col_blocks, splits)](
+            r_splits = max(1, min(triton.cdiv(_FILL_PROGRAMS, col_blocks), triton.cdiv(n_out, bm)))
+            rows_per_split = triton.cdiv(triton.cdiv(n_out, r_splits), bm) * bm
+            r_splits = triton.cdiv(n_out, rows_per_split)
+            partial = torch.empty(r_splits, rank, k, dtype=torch.float32, device=w.device)
+            weight_fake_quant_bwd_right_kernel[(col_blocks, r_splits)](
                 g, left, partial, N_OUT=n_out, K=k, RANK=rank, RANK_PAD=rank_padding(rank),
                 ROWS_PER_SPLIT=rows_per_split, BLOCK_M=bm, BLOCK_N=bn, DOT_PRECISION=precision, num_warps=4)
-            dr = (partial[0] if splits == 1 else partial.sum(0)).to(right.dtype)
+            dr = partial.sum(0).to(right.dtype)
         scale_shape, zero_shape = ctx.shapes
-        return (dw, ds.view(scale_shape).to(s_dtype), dz.view(zero_shape).to(z_dtype),
-                dl if has_aux else None, dr, None, None)
+        d_left = dl.sum(0).to(left.dtype) if has_aux else None
+        return (dw, ds.sum(0).view(scale_shape).to(s_dtype), dz.sum(0).view(zero_shape).to(z_dtype),
+                d_left, dr, None, None)
 
 
 def fake_quant_weight(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, grad_factor: float,
