@@ -184,3 +184,31 @@ def test_cogvideox_vae_scale_and_family_checks(tmp_path):
         prepare_latent_shards(opts)
     with pytest.raises(ValueError, match="rank 2 is outside"):
         PrepareOptions(videos_dir="v", out_dir="o", vae_dir="a", text_encoder_dir="b", tokenizer_dir="c", rank=2)
+
+
+@pytest.mark.gpu
+def test_prepare_on_gpu_matches_cpu_and_batches_are_pinned(tmp_path):
+    from megatron_qvgen.data.prepare import PrepareOptions, prepare_latent_shards
+
+    models_dir = _tiny_models(str(tmp_path / "pipeline"))
+    os.makedirs(tmp_path / "videos")
+    rng = np.random.default_rng(1)
+    for name in ("a.mp4", "b.mp4"):
+        _write_video(str(tmp_path / "videos" / name), rng.integers(0, 256, (7, 32, 32, 3), dtype=np.uint8), fps=8)
+        (tmp_path / "videos" / name).with_suffix(".txt").write_text("a red ball rolls left")
+    outputs = {}
+    for device in ("cpu", "cuda"):
+        out = str(tmp_path / device)
+        prepare_latent_shards(PrepareOptions(
+            videos_dir=str(tmp_path / "videos"), out_dir=out, vae_dir=os.path.join(models_dir, "vae"),
+            text_encoder_dir=os.path.join(models_dir, "text_encoder"), tokenizer_dir=os.path.join(models_dir, "tokenizer"),
+            frames=5, height=32, width=32, fps=8, text_len=12, device=device, text_dtype="float32", progress=False))
+        loader = build_latent_loader(DataConfig(shards=out, num_workers=1, caption_dropout=0.0), 2, 0, 1)
+        batch = next(loader)
+        loader.close()
+        assert batch.latents.is_pinned() and batch.text.is_pinned()
+        outputs[device] = batch.to("cuda", non_blocking=True)
+    cpu, gpu = outputs["cpu"], outputs["cuda"]
+    assert cpu.keys == gpu.keys
+    assert torch.allclose(gpu.latents, cpu.latents, rtol=1e-2, atol=1e-2)
+    assert torch.allclose(gpu.text, cpu.text, rtol=1e-2, atol=1e-2)

@@ -60,12 +60,9 @@ class MicroBatchBuilder(Dataset):
         self.planner = planner
         self.caption_dropout = caption_dropout
         self.max_bad_in_a_row = max_bad_in_a_row
-        self.reader = SampleReader()
+        self.reader = SampleReader(reuse_buffers=True)  # _fill copies each sample out before the next read
         self.empty_prompt = torch.from_numpy(dataset.empty_prompt.astype(np.float32))
         self._bad_in_a_row = 0
-
-    def __len__(self) -> int:  # DataLoader asks; the stream itself is endless
-        return self.planner.micro_batches_per_epoch
 
     def __getitem__(self, index: int) -> LatentBatch:
         epoch, step = divmod(int(index), self.planner.micro_batches_per_epoch)
@@ -207,6 +204,7 @@ class LatentLoader:
         shutdown = getattr(iterator, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()
+        self.builder.reader.close()
 
     # ------------------------------------------------------------------------------------------ position
     def _layout(self) -> Dict[str, Any]:

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from typing import Dict, Optional
+
+import numpy as np
 
 from megatron_qvgen.data.errors import BadSample
 from megatron_qvgen.data.manifest import DatasetManifest
@@ -15,10 +18,17 @@ from megatron_qvgen.data.shard_index import SampleEntry
 
 
 class SampleReader:
-    def __init__(self, max_open_files: int = 64):
+    """``reuse_buffers=True``: members are read into buffers kept between calls (no page faults on fresh
+    memory for every multi-MB sample); the arrays of a returned Sample are then valid only until the
+    next ``read``. The loader copies them into its batch at once.
+    """
+
+    def __init__(self, max_open_files: int = 64, reuse_buffers: bool = False):
         self._max_open = max_open_files
         self._fds: "OrderedDict[str, int]" = OrderedDict()
         self._pid = os.getpid()
+        self._reuse = reuse_buffers
+        self._buffers: Dict[str, np.ndarray] = {}
 
     def _fd(self, path: str) -> int:
         if self._pid != os.getpid():
@@ -36,8 +46,15 @@ class SampleReader:
             os.close(old)
         return fd
 
-    def read_bytes(self, path: str, offset: int, size: int) -> bytearray:
-        buf = bytearray(size)
+    def read_bytes(self, path: str, offset: int, size: int, slot: Optional[str] = None):
+        """``size`` bytes at ``offset``; a writable buffer (reused per ``slot`` with reuse_buffers)."""
+        if self._reuse and slot is not None:
+            held = self._buffers.get(slot)
+            if held is None or held.size < size:
+                held = self._buffers[slot] = np.empty(size, np.uint8)
+            buf = held[:size]
+        else:
+            buf = bytearray(size)
         try:
             got = os.preadv(self._fd(path), [buf], offset)
         except OSError as exc:
@@ -49,7 +66,7 @@ class SampleReader:
     def read(self, shard: str, entry: SampleEntry, manifest: DatasetManifest) -> Sample:
         if entry.problem is not None:
             raise BadSample(*entry.problem)
-        members = {t: self.read_bytes(shard, off, n) for t, (off, n) in entry.members.items()}
+        members = {t: self.read_bytes(shard, off, n, slot=t) for t, (off, n) in entry.members.items()}
         return decode_sample(entry.key, members, manifest, entry.latent_shape)
 
     def close(self) -> None:
