@@ -145,11 +145,12 @@ def test_clip_sampling_resizing_and_errors(tmp_path):
     levels[:, :, :4] = 255                                     # a bright left border the centre crop removes
     path = str(tmp_path / "levels.mkv")
     _write_video(path, levels, fps=16, codec="ffv1", pix_fmt="bgr0")
-    clip = read_clip(path, num_frames=5, height=12, width=12, fps=8)   # every other frame, scaled 1/2, cropped
-    assert clip.shape == (3, 5, 12, 12)
+    clip, fps = read_clip(path, num_frames=5, height=12, width=12, fps=8)   # every other frame, 1/2 size, cropped
+    assert clip.shape == (3, 5, 12, 12) and fps == 8
     assert torch.allclose((clip[:, :, 2:10, 2:10] + 1) * 127.5,
                           torch.tensor([0.0, 20, 40, 60, 80]).view(1, 5, 1, 1).expand(3, 5, 8, 8), atol=0.01)
-    same = read_clip(path, num_frames=3, height=24, width=40, fps=None)  # consecutive frames, untouched size
+    same, fps = read_clip(path, num_frames=3, height=24, width=40, fps=None)  # consecutive frames, untouched size
+    assert fps == 16
     assert torch.allclose((same + 1) * 127.5, torch.from_numpy(levels[:3]).permute(3, 0, 1, 2).float(), atol=1e-4)
     with pytest.raises(VideoError, match=r"levels\.mkv: too short \(0\.75 s\), needs 13 frames at 16 fps"):
         read_clip(path, num_frames=13, height=24, width=40, fps=16)
@@ -212,3 +213,24 @@ def test_prepare_on_gpu_matches_cpu_and_batches_are_pinned(tmp_path):
     assert cpu.keys == gpu.keys
     assert torch.allclose(gpu.latents, cpu.latents, rtol=1e-2, atol=1e-2)
     assert torch.allclose(gpu.text, cpu.text, rtol=1e-2, atol=1e-2)
+
+
+def test_caption_tables_csv_and_jsonl(tmp_path):
+    from megatron_qvgen.data.sources import caption_for, list_videos, load_caption_table
+
+    os.makedirs(tmp_path / "v" / "sub")
+    for name in ("b.mp4", "sub/a.MOV", "notes.txt"):
+        (tmp_path / "v" / name).write_bytes(b"")
+    assert list_videos(str(tmp_path / "v")) == ["b.mp4", "sub/a.MOV"]
+    (tmp_path / "c.csv").write_text('video,caption\nsub/a.MOV,"a red ball, rolling"\nb.mp4,a box\n')
+    (tmp_path / "c.jsonl").write_text('{"path": "a.MOV", "text": "from jsonl"}\n\n')
+    csv_table = load_caption_table(str(tmp_path / "c.csv"))
+    assert caption_for(str(tmp_path / "v"), "sub/a.MOV", csv_table) == "a red ball, rolling"
+    assert caption_for(str(tmp_path / "v"), "sub/a.MOV", load_caption_table(str(tmp_path / "c.jsonl"))) == "from jsonl"
+    assert caption_for(str(tmp_path / "v"), "missing.mp4", csv_table) is None
+    (tmp_path / "bad.jsonl").write_text('{"video": "b.mp4", "caption": "ok"}\n{"video": "b.mp4"}\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: needs a video column"):
+        load_caption_table(str(tmp_path / "bad.jsonl"))
+    (tmp_path / "worse.jsonl").write_text("{not json\n")
+    with pytest.raises(ValueError, match=r"worse\.jsonl:1: not JSON"):
+        load_caption_table(str(tmp_path / "worse.jsonl"))

@@ -174,11 +174,12 @@ def _write_shard(opts: PrepareOptions, shard: int, videos: List[str], table, vae
             try:
                 if caption is None:
                     raise VideoError(f"{relpath}: no caption (neither a .txt beside it nor a row in the table)")
-                clip = read_clip(os.path.join(opts.videos_dir, relpath), opts.frames, opts.height, opts.width, fps)
+                clip, clip_fps = read_clip(os.path.join(opts.videos_dir, relpath), opts.frames, opts.height,
+                                           opts.width, fps)
                 latent = vae.encode(clip).numpy()
                 text = encoder.encode([caption])[0]
                 meta = SampleMeta(caption=caption, frames=opts.frames, size=(opts.height, opts.width),
-                                  fps=float(opts.fps), latent_shape=latent.shape, text_shape=text.shape,
+                                  fps=clip_fps, latent_shape=latent.shape, text_shape=text.shape,
                                   vae=manifest.vae, text_encoder=manifest.text_encoder,
                                   latent_norm=manifest.latent_norm, source=relpath)
                 writer.add(f"{shard:06d}_{k:04d}", latent, text, meta)

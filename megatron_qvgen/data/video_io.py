@@ -6,7 +6,7 @@ decode, raises :class:`VideoError` naming the file.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -19,12 +19,16 @@ class VideoError(Exception):
     """One video cannot become a sample; the message names the file and why."""
 
 
-def read_clip(path: str, num_frames: int, height: int, width: int, fps: Optional[float] = None) -> torch.Tensor:
-    """float32 [3, num_frames, height, width] in [-1, 1]; ``fps=None`` takes consecutive frames."""
-    frames = _decode_frames(path, num_frames, fps)
+def read_clip(path: str, num_frames: int, height: int, width: int,
+              fps: Optional[float] = None) -> Tuple[torch.Tensor, float]:
+    """(float32 [3, num_frames, height, width] in [-1, 1], the clip's frame rate).
+
+    ``fps=None`` takes consecutive frames at the source's rate.
+    """
+    frames, source_fps = _decode_frames(path, num_frames, fps)
     video = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float()  # [F, 3, h, w]
     video = resize_cover_crop(video, height, width)
-    return (video / 127.5 - 1.0).permute(1, 0, 2, 3).contiguous()
+    return (video / 127.5 - 1.0).permute(1, 0, 2, 3).contiguous(), float(fps or source_fps)
 
 
 def resize_cover_crop(video: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -40,7 +44,7 @@ def resize_cover_crop(video: torch.Tensor, height: int, width: int) -> torch.Ten
     return video.clamp(0, 255)
 
 
-def _decode_frames(path: str, num_frames: int, fps: Optional[float]) -> List[np.ndarray]:
+def _decode_frames(path: str, num_frames: int, fps: Optional[float]) -> Tuple[List[np.ndarray], float]:
     import av
 
     try:
@@ -84,6 +88,8 @@ def _decode_frames(path: str, num_frames: int, fps: Optional[float]) -> List[np.
         for frame in chosen[:num_frames]:
             if id(frame) not in arrays:
                 arrays[id(frame)] = frame.to_ndarray(format="rgb24")
-        return [arrays[id(frame)] for frame in chosen[:num_frames]]
+        if fps is None and not rate:
+            raise VideoError(f"{path}: the container gives no frame rate; ask for one (fps)")
+        return [arrays[id(frame)] for frame in chosen[:num_frames]], rate or 0.0
     finally:
         container.close()
