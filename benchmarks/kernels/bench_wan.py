@@ -70,11 +70,11 @@ def build(cfg: dict, quantized: bool) -> WanRuntimeTransformer:
 
 def family(kernel: str) -> str:
     k = kernel.lower()
-    if "_gemm_" in k:
+    if k.startswith("_gemm_ptr_kernel") or k.startswith("_gemm_tma"):
         return "w4a4 gemm"
-    if "_act_quant" in k:
+    if k.startswith("_act_quant"):
         return "act quant"
-    if "_unpack" in k:
+    if k.startswith("_unpack_kernel"):
         return "weight unpack"
     if any(s in k for s in ("flash", "fmha", "attention", "sdpa", "cudnn")):
         return "attention"
