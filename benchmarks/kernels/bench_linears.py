@@ -27,7 +27,6 @@ from qvgen_kernels.act_quant_triton import quantize_per_token_triton
 from qvgen_kernels.context import timestep_groups
 from qvgen_kernels.format import QuantizationConfig, QuantizedLinearExport
 from qvgen_kernels.linear import QuantizedLinear
-from qvgen_kernels.qgemm import PackedWeight
 from qvgen_kernels.qgemm_triton import GemmConfig, default_config, quant_matmul_triton, unpack_weight
 from qvgen_kernels.reference import dequant_matmul_float64
 
@@ -168,8 +167,6 @@ def run_case(model, name, M, K, N, sweep, extra, log):
     row["speedup_module_int8"] = row["bf16_ms"] / row["module_int8_ms"]
     bf16_bytes = N * K * 2 + N * 2
     row["weight_bytes_ratio"] = (weight.nbytes() + N * 2) / bf16_bytes
-    del x, w, ws, w8, w8f, act, act8, module
-    torch.cuda.empty_cache()
     return row
 
 
@@ -198,6 +195,8 @@ def main():
                 t1 = time.time()
                 row = run_case(model, name, M, K, N, args.sweep, args.extra_variants, log)
                 row["wall_s"] = time.time() - t1
+                if DEVICE == "cuda":
+                    torch.cuda.empty_cache()
                 rows.append(row)
                 log.write(json.dumps(row) + "\n")
                 log.flush()

@@ -121,7 +121,7 @@ def bench_block(out: dict):
         key = "w4a4" if quantized else "bf16"
         res[f"{key}_ms"] = timed(run)
         res[f"{key}_breakdown_ms"] = breakdown(run)
-        del model, block, x, ctx
+        model = block = x = ctx = None     # free before the other variant is built
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
     res["speedup"] = res["bf16_ms"] / res["w4a4_ms"]
@@ -154,7 +154,7 @@ def bench_forward(out: dict):
         res[f"{key}_breakdown_ms"] = breakdown(run)
         res[f"{key}_weight_bytes"] = sum(b.numel() * b.element_size() for b in model.buffers()) + \
             sum(p.numel() * p.element_size() for p in model.parameters())
-        del model
+        model = None
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
     res["speedup"] = res["bf16_ms"] / res["w4a4_ms"]
