@@ -28,6 +28,7 @@ setup(
         "tensorboard",
         "tqdm",
         "webdataset>=0.2.86",
+        "braceexpand",
     ],
     extras_require={
         "kernels": ["triton>=3.0"],

@@ -119,15 +119,15 @@ def _rel(a, b):
     return float(((a - b).abs() / b.abs().clamp_min(1e-12)).max())
 
 
-def test_losses_match_at_world1_tp2_pp2(teacher_ckpt):
+def test_losses_match_at_world1_tp2_pp2_dp2(teacher_ckpt):
     root, teacher = teacher_ckpt
     ref = run_distributed(_train, 1, tiny_cfg(str(root / "ref")), teacher)[0]
     assert ref["losses"].numel() == STEPS and bool(torch.isfinite(ref["losses"]).all())
     assert float(ref["losses"][0]) > 1e-3, "the teacher/student gap should be visible"
-    for world, tp, pp in [(2, 2, 1), (2, 1, 2)]:
-        out = run_distributed(_train, world, tiny_cfg(str(root / f"tp{tp}pp{pp}"), tp, pp), teacher)
+    for world, tp, pp in [(2, 2, 1), (2, 1, 2), (2, 1, 1)]:  # the last is DP=2: one micro-batch per rank
+        out = run_distributed(_train, world, tiny_cfg(str(root / f"w{world}tp{tp}pp{pp}"), tp, pp), teacher)
         losses = out[-1]["losses"]  # last rank is on the last pipeline stage
-        assert _rel(losses, ref["losses"]) < 1e-5, f"TP={tp} PP={pp}: {losses} vs {ref['losses']}"
+        assert _rel(losses, ref["losses"]) < 1e-5, f"world={world} TP={tp} PP={pp}: {losses} vs {ref['losses']}"
         assert all(int(o["aux_params"]) == 0 for o in out)
 
 

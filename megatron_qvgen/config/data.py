@@ -27,8 +27,10 @@ class DataConfig:
     prefetch_factor: int = 2
     # Seed of the shard split, shuffling, resampling and caption dropout.
     seed: int = 1234
-    # False: every epoch is a permutation (each sample once, shards dealt to data-parallel ranks).
-    # True: every rank draws its samples with replacement from the whole dataset.
+    # "global": one epoch plan shared by all ranks, each global batch split over the DP ranks (losses and
+    # resumes independent of the DP size). "shards": shards dealt to DP ranks, each reads only its own.
+    split: str = "global"
+    # False: every epoch is a permutation (each sample once). True: draws with replacement.
     resample: bool = False
     # Samples per epoch across all data-parallel ranks; None = the number of samples in the shards.
     samples_per_epoch: Optional[int] = None
@@ -40,6 +42,8 @@ class DataConfig:
     def __post_init__(self):
         if not self.shards:
             raise ConfigError("data.shards must name a directory, glob or brace pattern of .tar shards")
+        if self.split not in ("global", "shards"):
+            raise ConfigError(f"data.split must be 'global' or 'shards', got {self.split!r}")
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
         if self.prefetch_factor < 1:

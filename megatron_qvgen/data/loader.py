@@ -137,12 +137,15 @@ def _worker_init(_worker_id: int) -> None:
 
 
 class LatentLoader:
-    def __init__(self, dataset: LatentDataset, cfg: DataConfig, micro_batch_size: int, dp_rank: int, dp_size: int):
+    def __init__(self, dataset: LatentDataset, cfg: DataConfig, micro_batch_size: int, dp_rank: int, dp_size: int,
+                 microbatches_per_step: int = 1):
         self.cfg = cfg
         self.dataset = dataset
         self.micro_batch_size, self.dp_rank, self.dp_size = micro_batch_size, dp_rank, dp_size
+        self.microbatches_per_step = microbatches_per_step
         self.planner = EpochPlanner(dataset.sample_shard, dataset.sample_bucket, len(dataset.shards),
-                                    micro_batch_size, dp_rank, dp_size, cfg.seed, cfg.resample, cfg.samples_per_epoch)
+                                    micro_batch_size, dp_rank, dp_size, cfg.seed, cfg.resample, cfg.samples_per_epoch,
+                                    split=cfg.split, microbatches_per_step=microbatches_per_step)
         self.builder = MicroBatchBuilder(dataset, self.planner, cfg.caption_dropout, cfg.max_bad_in_a_row)
         self._position = 0
         self._read_bad: Counter = Counter()
@@ -210,7 +213,8 @@ class LatentLoader:
     def _layout(self) -> Dict[str, Any]:
         return {"micro_batch_size": self.micro_batch_size, "dp_size": self.dp_size,
                 "micro_batches_per_epoch": self.micro_batches_per_epoch, "seed": self.cfg.seed,
-                "resample": self.cfg.resample, "dataset": self.dataset.fingerprint()}
+                "resample": self.cfg.resample, "split": self.cfg.split,
+                "microbatches_per_step": self.microbatches_per_step, "dataset": self.dataset.fingerprint()}
 
     def state_dict(self) -> Dict[str, Any]:
         return {"format": STATE_FORMAT, "version": STATE_VERSION, "position": self._position, "epoch": self.epoch,
@@ -229,7 +233,9 @@ class LatentLoader:
             raise ValueError(f"data loader state version {state.get('version')!r}, this code reads {STATE_VERSION}")
         try:
             position, epoch = int(state["position"]), int(state["epoch"])
-            saved = {k: state[k] for k in self._layout()}
+            saved = {k: state.get(k, default) for k, default in
+                     (("split", "shards"), ("microbatches_per_step", 1))}
+            saved.update({k: state[k] for k in self._layout() if k not in saved})
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"data loader state is incomplete: {exc}") from None
         differs = {k: (saved[k], v) for k, v in self._layout().items() if saved[k] != v}
@@ -248,8 +254,11 @@ class LatentLoader:
 
 def build_latent_loader(cfg: DataConfig, micro_batch_size: int, dp_rank: int, dp_size: int, *,
                         latent_channels: Optional[int] = None, text_len: Optional[int] = None,
-                        text_dim: Optional[int] = None) -> LatentLoader:
+                        text_dim: Optional[int] = None, microbatches_per_step: int = 1) -> LatentLoader:
     """The loader of one data-parallel rank; pass the DP rank and size, never the global rank.
+
+    ``microbatches_per_step``: micro-batches each rank takes per training step (gradient accumulation);
+    with ``data.split = "global"`` it fixes which block of a global batch this rank gets.
 
     ``latent_channels`` / ``text_len`` / ``text_dim``, when given (from the model config), are checked
     against the dataset's manifest before anything is read.
@@ -264,4 +273,4 @@ def build_latent_loader(cfg: DataConfig, micro_batch_size: int, dp_rank: int, dp
         if expected is not None and getattr(manifest, name) != expected:
             raise DatasetError(f"{dataset.manifest_dir}/{MANIFEST_NAME}: {name} is {getattr(manifest, name)}, "
                                f"the model expects {expected}")
-    return LatentLoader(dataset, cfg, micro_batch_size, dp_rank, dp_size)
+    return LatentLoader(dataset, cfg, micro_batch_size, dp_rank, dp_size, microbatches_per_step)

@@ -63,7 +63,7 @@ def distill_step(student_chunks: Sequence[torch.nn.Module], teacher_chunks: Sequ
     def loss_fn(prediction: torch.Tensor, batch) -> torch.Tensor:
         target = teacher[int(batch["index"])]
         loss = F.mse_loss(prediction.float(), target.float())
-        losses.append(loss.detach())
+        losses.append(loss.detach().clone())  # megatron divides the returned loss in place
         return loss
 
     with quant_context(aux_gate=gate):

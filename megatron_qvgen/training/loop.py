@@ -52,6 +52,14 @@ def _count_replicated_embedders_once(chunks, first_stage: bool) -> None:
                 p.shared = True
 
 
+def _data_parallel_sum(value: int, device) -> int:
+    from megatron.core import parallel_state as ps
+
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, group=ps.get_data_parallel_group())
+    return int(t.item())
+
+
 class Trainer:
     def __init__(self, cfg: ExperimentConfig, init_from: Optional[str] = None):
         self.cfg = cfg
@@ -83,7 +91,9 @@ class Trainer:
             self.state.step = common["step"]
             extra = common["common"]
             self.state.nonfinite_skipped = extra.get("nonfinite_skipped", 0)
-            self.loader.load_state_dict(extra["data"])
+            # another parallel layout: the data position is translated (exact with data.split = global)
+            same_layout = tuple(common.get("layout", ())) == (self.info.pp_size, self.info.tp_size, self.info.dp_size)
+            self.loader.load_state_dict(extra["data"], strict=same_layout)
             self.resumed_from = resume
         else:
             initialize_quantizers(self.student)   # PTQ: clip search + auxiliary SVD
@@ -114,7 +124,8 @@ class Trainer:
             ensure_synthetic_dataset(cfg.data, m.in_channels, m.text_len, text_dim)
         dist.barrier()
         return build_latent_loader(cfg.data, cfg.train.micro_batch_size, self.info.dp_rank, self.info.dp_size,
-                                   latent_channels=m.in_channels, text_len=m.text_len, text_dim=text_dim)
+                                   latent_channels=m.in_channels, text_len=m.text_len, text_dim=text_dim,
+                                   microbatches_per_step=cfg.train.num_microbatches(self.info.dp_size))
 
     def _load_teacher(self, path: str) -> None:
         """Full-precision weights from a converted (diffusers -> megatron) checkpoint, checked against
@@ -220,7 +231,7 @@ class Trainer:
                               else (1, latent_shape[2], latent_shape[1]) + tuple(latent_shape[3:]))
         flops = step_flops(cfg.model, tokens, cfg.train.global_batch_size)
         sv = aux_singular_value_summary(self.student)
-        bad = sum(self.loader.bad_samples.values())
+        bad = _data_parallel_sum(sum(self.loader.bad_samples.values()), self.info.device)
         values.update({
             "loss": loss, "aux/rank": float(self.decay.current_rank()), "aux/gate": gate,
             "throughput/samples_per_s": cfg.train.global_batch_size / max(elapsed, 1e-9),

@@ -68,7 +68,7 @@ def fit_teacher(cfg: ExperimentConfig, out_dir: str, steps: int, lr: float = 1e-
 
         def loss_fn(pred, mb):
             loss = F.mse_loss(pred.float(), mb["target"])
-            losses.append(loss.detach())
+            losses.append(loss.detach().clone())  # megatron divides the returned loss in place
             return loss
 
         run_pipeline(opt.chunks, micro, loss_fn=loss_fn)
