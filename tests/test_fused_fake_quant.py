@@ -28,7 +28,7 @@ ACT_CASES += ["act-b4-fp32-h2100", "act-b4-bf16-h2100", "act-b4-bf16-h203-shared
 WEIGHT_CASES = [f"weight-b{bits}-{variant}" for bits in (3, 4, 8)
                 for variant in ("fp32-noaux", "fp32-r5", "bf16-r32-outbf16", "bf16-noaux-outbf16")]
 TP_CASES = ["act-tp2-b4-fp32", "act-tp2-b3-bf16"]
-CPU_CASES = ACT_CASES + WEIGHT_CASES + TP_CASES
+CPU_CASES = ACT_CASES + WEIGHT_CASES + TP_CASES + ["lsq-bf16-params"]
 
 
 # ---------------------------------------------------------------- comparisons
@@ -176,13 +176,47 @@ def check_weight(bits, w_dtype, rank, out_dtype, device, n_out=40, k=300, seed=0
             _assert_close(got, ref, name, _rel(ref.dtype))
 
 
+def check_lsq_grads_with_bf16_params(device, n_out=64, k=1536, bits=4):
+    """bf16 scale/zero (a bf16 model's quantizer parameters): the LSQ+ gradients are within bf16 rounding of
+    their float64 value computed from the same codes. (The reference, which rounds the two nearly
+    cancelling halves of each sum to bf16 separately, is off by up to ~7% of the largest here.)"""
+    import math
+
+    from megatron_qvgen.quant import fake_quant, fused_fake_quant
+    from qvgen_kernels import codes
+
+    gen = torch.Generator().manual_seed(7)
+    w = (torch.randn(n_out, k, generator=gen) * 0.02).bfloat16()
+    lo, hi = w.float().amin(1, keepdim=True), w.float().amax(1, keepdim=True)
+    s0, z0 = codes.weight_qparams_from_range(0.8 * lo, 0.8 * hi, bits)
+    scale, zero, g = s0.bfloat16().to(device), z0.bfloat16().to(device), torch.randn(n_out, k, generator=gen)
+    w, g = w.to(device), g.bfloat16().to(device)
+    factor = 1.0 / math.sqrt(k * codes.qmax(bits))
+    sp, zp = scale.clone().requires_grad_(True), zero.clone().requires_grad_(True)
+    y = fused_fake_quant.fake_quant_weight(w, sp, zp, bits, factor, None, None, torch.bfloat16)
+    _assert_equal(y, fake_quant.fake_quant_weight_reference(w, scale, zero, bits, factor, None, None, torch.bfloat16),
+                  "forward")
+    y.backward(g)
+    s_eff, z_eff = (scale - scale * factor) + scale * factor, (zero - zero * factor) + zero * factor
+    u = w.float() / s_eff.float()
+    rounded = torch.round(u + z_eff.float())
+    inside, q = (rounded >= 0) & (rounded <= codes.qmax(bits)), rounded.clamp(0, codes.qmax(bits))
+    gd, sd, zd = g.double(), s_eff.double(), z_eff.double()
+    ds = (gd * (q.double() - zd) - torch.where(inside, gd, 0.0) * u.double()).sum(1, keepdim=True) * factor
+    dz = (torch.where(inside, gd * sd, 0.0) - gd * sd).sum(1, keepdim=True) * factor
+    _assert_close(sp.grad.double(), ds, "d scale vs float64", 2 * BF16_ULP, floor=2 * BF16_ULP)
+    _assert_close(zp.grad.double(), dz, "d zero vs float64", 2 * BF16_ULP, floor=2 * BF16_ULP)
+
+
 # ---------------------------------------------------------------- case table
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def run_case(name: str, device: str = "cpu") -> None:
     parts = name.split("-")
-    if name.startswith("act-tp2"):
+    if name == "lsq-bf16-params":
+        check_lsq_grads_with_bf16_params(device)
+    elif name.startswith("act-tp2"):
         check_activation_tp(int(parts[2][1:]), _DTYPES[parts[3]])
     elif name.startswith("act"):
         check_activation(int(parts[1][1:]), _DTYPES[parts[2]], int(parts[3][1:]), device,
@@ -240,6 +274,11 @@ def test_weight_on_gpu(bits, variant, shape):
     rank = int(aux[1:]) if aux.startswith("r") else 0
     out_dtype = torch.bfloat16 if variant.endswith("outbf16") else None
     check_weight(bits, _DTYPES[w_dtype], rank, out_dtype, "cuda", n_out=shape[0], k=shape[1], seed=bits)
+
+
+@pytest.mark.gpu
+def test_lsq_grads_with_bf16_params_on_gpu():
+    check_lsq_grads_with_bf16_params("cuda", n_out=5120, k=5120)
 
 
 @pytest.mark.gpu

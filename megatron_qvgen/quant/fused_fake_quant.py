@@ -7,6 +7,10 @@ keeps several float32 copies alive for the backward; here each direction is one 
 data (kernels in ``fused_act_kernels`` / ``fused_weight_kernels``) and the backward keeps only the input
 and a few numbers per row.
 
+Where the two differ by more than float32 noise, the reference is the less accurate one: with bf16
+scale/zero parameters its LSQ+ gradients are the difference of two separately bf16-rounded, nearly equal
+sums (the two uses of ``scale.float()``); here each row sum is formed in float32 and rounded once.
+
 Tensor parallelism (``row_group`` with several ranks, a row-parallel input): the local row ranges are
 all-reduced (MIN/MAX) before quantising; the backward sums over the group the gradients of the row
 extremes and the tie counts, exactly what ``tp_reduce.row_min``/``row_max``'s backward all-reduces.
