@@ -37,8 +37,9 @@ def fake_quant_weight_reference(weight: torch.Tensor, scale: torch.Tensor, zero:
 
     ``aux_l`` [out, r] already carries the rank-decay gamma; the sum is formed in float32 and returned in
     ``out_dtype`` (default float32)."""
-    scale = scale_grad(scale, grad_factor)
-    zero = scale_grad(zero, grad_factor)
+    # one cast each: the two nearly cancelling halves of the LSQ+ gradient must meet in float32, not bf16
+    scale = scale_grad(scale, grad_factor).float()
+    zero = scale_grad(zero, grad_factor).float()
     q = codes.weight_codes(weight, scale, zero, bits, round_fn=round_ste)
     w = codes.weight_dequant(q, scale, zero)
     if aux_l is not None:
