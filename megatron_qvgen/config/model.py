@@ -93,6 +93,16 @@ class CogVideoXConfig:
                                         "temporal_compression_ratio", "max_text_seq_length"))
         if self.use_learned_positional_embeddings and not self.use_rotary_positional_embeddings:
             raise ConfigError("model.use_learned_positional_embeddings needs use_rotary_positional_embeddings")
+        if self.use_learned_positional_embeddings:
+            raise ConfigError("model.use_learned_positional_embeddings=True (CogVideoX-5b-I2V) is not supported: "
+                              "only the text-to-video CogVideoX 1.0 models are")
+        # diffusers' position tables split the channels in quarters and eighths of pairs.
+        if self.use_rotary_positional_embeddings and self.attention_head_dim % 16:
+            raise ConfigError(f"model.attention_head_dim={self.attention_head_dim} must be a multiple of 16 with "
+                              "use_rotary_positional_embeddings (3D RoPE splits a head 4/16 : 6/16 : 6/16)")
+        if not self.use_rotary_positional_embeddings and self.hidden_size % 16:
+            raise ConfigError(f"model num_attention_heads x attention_head_dim = {self.hidden_size} must be a "
+                              "multiple of 16 for the 3D sin-cos positions (use_rotary_positional_embeddings=False)")
 
     @property
     def hidden_size(self) -> int:
@@ -132,6 +142,9 @@ def check_model_parallel(model: ModelConfig, tensor_parallel: int, pipeline_para
                           f"parallel.tensor_parallel={tp}")
     if model.ffn_dim % tp:
         raise ConfigError(f"model FFN size {model.ffn_dim} is not divisible by parallel.tensor_parallel={tp}")
+    time_embed_dim = getattr(model, "time_embed_dim", None)  # CogVideoX's time MLP is column/row parallel
+    if time_embed_dim is not None and time_embed_dim % tp:
+        raise ConfigError(f"model.time_embed_dim={time_embed_dim} is not divisible by parallel.tensor_parallel={tp}")
     patch = model.patch_size
     outputs = model.out_channels * (patch[0] * patch[1] * patch[2] if isinstance(patch, tuple) else patch * patch)
     if outputs % tp:

@@ -18,12 +18,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from megatron_qvgen.config import ConfigError, WanConfig
+from megatron_qvgen.config import CogVideoXConfig, ConfigError, WanConfig
 from megatron_qvgen.convert.errors import ConversionError
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
-CLASS_NAMES = {"wan": "WanTransformer3DModel"}
+CLASS_NAMES = {"wan": "WanTransformer3DModel", "cogvideox": "CogVideoXTransformer3DModel"}
 
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
@@ -52,7 +52,7 @@ def read_model_config(folder: Path, arch: str):
     if raw.get("_class_name") not in (None, expected):
         raise ConversionError(f"{path}: _class_name is {raw.get('_class_name')!r}, expected {expected!r} "
                               f"for --model {arch}")
-    return _wan_config(raw, path)
+    return _wan_config(raw, path) if arch == "wan" else _cogvideox_config(raw, path)
 
 
 def _wan_config(raw: dict, path: Path) -> WanConfig:
@@ -71,13 +71,40 @@ def _wan_config(raw: dict, path: Path) -> WanConfig:
         raise ConversionError(f"{path}: invalid Wan config: {exc}") from None
 
 
+# diffusers CogVideoX options we do not implement, with the value we implement (CogVideoX 1.0 text-to-video).
+_COGVIDEOX_FIXED = {"patch_size_t": None, "ofs_embed_dim": None, "use_learned_positional_embeddings": False,
+                    "activation_fn": "gelu-approximate", "timestep_activation_fn": "silu",
+                    "norm_elementwise_affine": True, "dropout": 0.0}
+
+
+def _cogvideox_config(raw: dict, path: Path) -> CogVideoXConfig:
+    for key, allowed in _COGVIDEOX_FIXED.items():
+        if raw.get(key, allowed) != allowed:
+            raise ConversionError(f"{path}: {key}={raw[key]!r}: only CogVideoX 1.0 text-to-video ({key}={allowed!r}) "
+                                  "is supported")
+    fields = {k: v for k, v in raw.items() if k in CogVideoXConfig.__dataclass_fields__ and k != "arch"}
+    if fields.get("out_channels") is None:
+        fields["out_channels"] = fields.get("in_channels", CogVideoXConfig.in_channels)
+    try:
+        return CogVideoXConfig(**fields)
+    except (ConfigError, TypeError) as exc:
+        raise ConversionError(f"{path}: invalid CogVideoX config: {exc}") from None
+
+
+def diffusers_class(arch: str):
+    """diffusers' transformer class of an arch."""
+    import diffusers
+
+    if arch not in CLASS_NAMES:
+        raise ConversionError(f"model arch {arch!r} has no diffusers class; choose from {sorted(CLASS_NAMES)}")
+    return getattr(diffusers, CLASS_NAMES[arch])
+
+
 def load_diffusers_model(folder: Path, arch: str, dtype: torch.dtype = torch.float32):
     """diffusers' model from a folder without ``from_pretrained`` (which needs ``accelerate``): built from
     the config, then every tensor loaded strictly."""
-    from diffusers import WanTransformer3DModel
-
     model_cfg = read_model_config(folder, arch)
-    model = WanTransformer3DModel(**model_cfg.diffusers_kwargs())
+    model = diffusers_class(arch)(**model_cfg.diffusers_kwargs())
     source = SafetensorsSource(folder)
     state = {key: source.get(key) for key in source.shapes()}
     model.load_state_dict(state, strict=True)
@@ -85,7 +112,7 @@ def load_diffusers_model(folder: Path, arch: str, dtype: torch.dtype = torch.flo
 
 
 def diffusers_config_dict(model_cfg) -> dict:
-    """config.json content that ``WanTransformer3DModel.from_pretrained`` reads."""
+    """config.json content that ``WanTransformer3DModel`` / ``CogVideoXTransformer3DModel.from_pretrained`` reads."""
     try:
         import diffusers
 
@@ -94,8 +121,11 @@ def diffusers_config_dict(model_cfg) -> dict:
         version = "0.35.0"
     config = {"_class_name": CLASS_NAMES[model_cfg.arch], "_diffusers_version": version}
     config.update(model_cfg.diffusers_kwargs())
-    config["patch_size"] = list(config["patch_size"])
-    config.update(image_dim=None, added_kv_proj_dim=None, pos_embed_seq_len=None)
+    if model_cfg.arch == "wan":
+        config["patch_size"] = list(config["patch_size"])
+        config.update(image_dim=None, added_kv_proj_dim=None, pos_embed_seq_len=None)
+    else:
+        config.update(_COGVIDEOX_FIXED)
     return config
 
 

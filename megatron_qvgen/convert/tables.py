@@ -10,4 +10,8 @@ def table_for(arch: str) -> ParamTable:
         from megatron_qvgen.convert.wan_names import WAN_TABLE
 
         return WAN_TABLE
+    if arch == "cogvideox":
+        from megatron_qvgen.convert.cogvideox_names import COGVIDEOX_TABLE
+
+        return COGVIDEOX_TABLE
     raise ConversionError(f"no conversion table for model arch {arch!r} yet")

@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from megatron_qvgen.config import ParallelConfig
+from megatron_qvgen.convert.diffusers_call import diffusers_forward
 from megatron_qvgen.convert.diffusers_io import load_diffusers_model, transformer_dir
 from megatron_qvgen.convert.diffusers_io import read_model_config as read_diffusers_config
 from megatron_qvgen.convert.checkpoint_io import load_model, read_model_config
@@ -31,14 +32,26 @@ class Difference:
 
 
 def random_inputs(model_cfg, *, batch: int = 1, latent_frames: int = 2, latent_height: int = 8,
-                  latent_width: int = 8, text_len: int = 16, seed: int = 0):
-    """The same inputs on every rank: latents (B, C, F, H, W), timesteps (B,), text (B, L, D), float32."""
-    pt, ph, pw = model_cfg.patch_size
+                  latent_width: int = 8, text_len: Optional[int] = None, seed: int = 0):
+    """The same inputs on every rank, in diffusers' layout of the arch: latents (B, C, F, H, W) for Wan,
+    (B, F, C, H, W) for CogVideoX; timesteps (B,); text (B, L, D); float32. Sizes count patches.
+
+    ``text_len`` None: 16 tokens for Wan; CogVideoX's ``max_text_seq_length`` (diffusers' 2B model adds
+    its position table to exactly that many text tokens)."""
+    if text_len is None:
+        text_len = 16 if model_cfg.arch == "wan" else model_cfg.text_len
     gen = torch.Generator().manual_seed(seed)
-    latents = torch.randn(batch, model_cfg.in_channels, latent_frames * pt, latent_height * ph,
-                          latent_width * pw, generator=gen)
+    if model_cfg.arch == "wan":
+        pt, ph, pw = model_cfg.patch_size
+        shape = (batch, model_cfg.in_channels, latent_frames * pt, latent_height * ph, latent_width * pw)
+        text_dim = model_cfg.text_dim
+    else:
+        p = model_cfg.patch_size
+        shape = (batch, latent_frames, model_cfg.in_channels, latent_height * p, latent_width * p)
+        text_dim = model_cfg.text_embed_dim
+    latents = torch.randn(*shape, generator=gen)
     timestep = torch.randint(0, 1000, (batch,), generator=gen).float()
-    text = torch.randn(batch, text_len, model_cfg.text_dim, generator=gen)
+    text = torch.randn(batch, text_len, text_dim, generator=gen)
     return {"latents": latents, "timestep": timestep, "text_embeds": text}
 
 
@@ -97,6 +110,6 @@ def _full_fp32():
 def _diffusers_prediction(folder, arch, batch, dtype, device) -> torch.Tensor:
     model = load_diffusers_model(folder, arch, dtype).to(device).eval()
     with torch.no_grad(), _full_fp32():
-        out = model(batch["latents"].to(dtype), batch["timestep"], batch["text_embeds"].to(dtype),
-                    return_dict=False)[0]
+        out = diffusers_forward(model, arch, batch["latents"].to(dtype), batch["timestep"],
+                                batch["text_embeds"].to(dtype))
     return out.float()

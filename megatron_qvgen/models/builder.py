@@ -67,4 +67,8 @@ def _spec_for(model_cfg: ModelConfig, spec: str, quant: Optional[QuantConfig]):
         from megatron_qvgen.models.wan.spec import get_wan_spec
 
         return get_wan_spec(spec, quant)
+    if model_cfg.arch == "cogvideox":
+        from megatron_qvgen.models.cogvideox.spec import get_cogvideox_spec
+
+        return get_cogvideox_spec(spec, quant)
     raise ConfigError(f"model.arch {model_cfg.arch!r} has no megatron implementation yet")

@@ -1,5 +1,6 @@
-"""Whole-run configs by name: ``get_recipe("tiny_wan" | "wan_1_3b" | "wan_14b")``."""
-from megatron_qvgen.recipes import wan  # noqa: F401  # registers the Wan recipes
+"""Whole-run configs by name: ``get_recipe("tiny_wan" | "wan_1_3b" | "wan_14b" | "tiny_cogvideox" |
+"cogvideox_2b" | "cogvideox_5b")``."""
+from megatron_qvgen.recipes import cogvideox, wan  # noqa: F401  # register the recipes
 from megatron_qvgen.recipes.registry import get_recipe, recipe, recipe_names
 
 __all__ = ["get_recipe", "recipe", "recipe_names"]

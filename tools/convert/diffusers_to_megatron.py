@@ -2,6 +2,8 @@
 
     python tools/convert/diffusers_to_megatron.py --model wan --src Wan2.1-T2V-14B-Diffusers \
         --dst checkpoints/wan14b_megatron --tp 8 --pp 1
+    python tools/convert/diffusers_to_megatron.py --model cogvideox --src CogVideoX-2b \
+        --dst checkpoints/cogvideox2b_megatron --tp 2 --pp 2
 
 The checkpoint loads at any TP/PP (megatron reshards at load time); --tp/--pp check that the model
 splits that way before anything is written.
@@ -13,12 +15,13 @@ import warnings
 warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*not installed.*")
 from megatron_qvgen.config import ConfigError
 from megatron_qvgen.dist_ckpt import CheckpointError
+from megatron_qvgen.convert.diffusers_io import CLASS_NAMES
 from megatron_qvgen.convert.to_megatron import diffusers_to_megatron
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=["wan"], default="wan")
+    parser.add_argument("--model", choices=sorted(CLASS_NAMES), default="wan")
     parser.add_argument("--src", required=True, help="diffusers transformer folder (or its pipeline folder)")
     parser.add_argument("--dst", required=True, help="new checkpoint folder (must not exist)")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size to validate")

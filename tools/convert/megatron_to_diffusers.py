@@ -2,7 +2,8 @@
 
     python tools/convert/megatron_to_diffusers.py --src checkpoints/wan14b_megatron --dst wan14b_diffusers
 
-The result loads with ``WanTransformer3DModel.from_pretrained(DST)``.
+The result loads with ``WanTransformer3DModel.from_pretrained(DST)`` (or ``CogVideoXTransformer3DModel``,
+as the checkpoint records).
 """
 import argparse
 import sys

@@ -31,7 +31,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--latent-frames", type=int, default=2, help="latent frames / temporal patch")
     parser.add_argument("--latent-size", type=int, default=8, help="latent height and width / spatial patch")
-    parser.add_argument("--text-len", type=int, default=16)
+    parser.add_argument("--text-len", type=int, default=None,
+                        help="text tokens (default: 16 for Wan, max_text_seq_length for CogVideoX)")
     args = parser.parse_args(argv)
     init_distributed()
     try:

@@ -49,7 +49,8 @@ class ParallelAttention(MegatronModule):
     """Self-attention (``context_size=None``) or cross-attention to a replicated context."""
 
     def __init__(self, config, submodules: AttentionSubmodules, linears: LinearSpecs, *, num_heads: int,
-                 head_dim: int, name: str, context_size: Optional[int] = None, norm_eps: float = 1e-6):
+                 head_dim: int, name: str, context_size: Optional[int] = None, norm_eps: float = 1e-6,
+                 qkv_bias: bool = True):
         super().__init__(config)
         tp = config.tensor_model_parallel_size
         if num_heads % tp:
@@ -60,9 +61,9 @@ class ParallelAttention(MegatronModule):
         hidden = num_heads * head_dim
         kv_config = without_sequence_parallel(config) if self.is_cross_attention else config
         kv_in = context_size if self.is_cross_attention else hidden
-        self.to_q = build_column(linears.column, hidden, hidden, name=f"{name}.to_q", config=config)
-        self.to_k = build_column(linears.column, kv_in, hidden, name=f"{name}.to_k", config=kv_config)
-        self.to_v = build_column(linears.column, kv_in, hidden, name=f"{name}.to_v", config=kv_config)
+        self.to_q = build_column(linears.column, hidden, hidden, name=f"{name}.to_q", config=config, bias=qkv_bias)
+        self.to_k = build_column(linears.column, kv_in, hidden, name=f"{name}.to_k", config=kv_config, bias=qkv_bias)
+        self.to_v = build_column(linears.column, kv_in, hidden, name=f"{name}.to_v", config=kv_config, bias=qkv_bias)
         # A list of one, like diffusers' to_out = [Linear, Dropout], so the name is "to_out.0".
         self.to_out = torch.nn.ModuleList(
             [build_row(linears.row, hidden, hidden, name=f"{name}.to_out.0", config=config)])

@@ -51,6 +51,22 @@ def qat_linears(quant) -> LinearSpecs:
                        row=ModuleSpec(QuantRowParallelLinear, params={"quant": quant}))
 
 
+SPEC_KINDS = ("bf16", "qat")
+
+
+def linears_for(kind: str = "bf16", quant=None) -> LinearSpecs:
+    """The linear classes of a model spec by name: ``"bf16"`` (teacher) or ``"qat"`` (student, needs ``quant``)."""
+    from megatron_qvgen.config import ConfigError
+
+    if kind not in SPEC_KINDS:
+        raise ConfigError(f"spec must be one of {SPEC_KINDS}, got {kind!r}")
+    if kind == "qat":
+        if quant is None:
+            raise ConfigError("the 'qat' spec needs a QuantConfig (quant=...)")
+        return qat_linears(quant)
+    return bf16_linears()
+
+
 def build_column(spec: ModuleSpec, input_size: int, output_size: int, *, name: str, config,
                  bias: bool = True, gather_output: bool = False):
     """Output features sharded over TP (all of them on every rank when ``gather_output``)."""

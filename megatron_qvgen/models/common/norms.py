@@ -3,18 +3,28 @@
 - ``DistributedRMSNorm``: RMSNorm over the WHOLE hidden size of a TP-sharded activation (Wan's q/k norm
   ``rms_norm_across_heads``). Each rank holds its slice of the weight; the sum of squares is all-reduced
   over the TP group (forward and backward), never the activation itself.
-- ``FP32LayerNorm``: LayerNorm computed in fp32 whatever the activation dtype (diffusers' FP32LayerNorm).
+- ``FP32LayerNorm``: LayerNorm computed in (at least) fp32 whatever the activation dtype (diffusers'
+  FP32LayerNorm).
   Under sequence parallelism its affine parameters see only this rank's tokens: they are tagged
   ``sequence_parallel`` so their gradients are summed over TP (``reduce_sequence_parallel_grads``, or
   megatron's finalize_model_grads).
+- ``HeadLayerNorm``: LayerNorm over each head's channels with one affine shared by all heads
+  (CogVideoX's q/k norm, diffusers ``qk_norm="layer_norm"``). Under TP each rank normalises its own heads,
+  so the shared affine's gradient is partial: it is summed over TP (identity forward, all-reduce backward).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
-from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
+from megatron.core.tensor_parallel import (copy_to_tensor_model_parallel_region,
+                                           set_tensor_model_parallel_attributes)
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+
+def _at_least_fp32(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for half-precision activations; float64 stays float64 (reference runs)."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -74,6 +84,34 @@ class FP32LayerNorm(torch.nn.LayerNorm):
                 param.sequence_parallel = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight.float() if self.weight is not None else None
-        bias = self.bias.float() if self.bias is not None else None
-        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+        dtype = _at_least_fp32(x.dtype)
+        weight = self.weight.to(dtype) if self.weight is not None else None
+        bias = self.bias.to(dtype) if self.bias is not None else None
+        return F.layer_norm(x.to(dtype), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+
+
+class HeadLayerNorm(torch.nn.Module):
+    """LayerNorm of every head of x [..., local_heads * head_dim], computed in (at least) fp32.
+
+    Built like the other q/k norms (``hidden_size, eps, config``); the head size is megatron's
+    ``config.kv_channels``.
+    """
+
+    def __init__(self, hidden_size: int, eps: float, config):
+        super().__init__()
+        self.head_dim = config.kv_channels
+        if hidden_size % self.head_dim:
+            raise ValueError(f"HeadLayerNorm: hidden size {hidden_size} is not a multiple of head size {self.head_dim}")
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(self.head_dim, dtype=config.params_dtype))
+        self.bias = torch.nn.Parameter(torch.zeros(self.head_dim, dtype=config.params_dtype))
+        self.tensor_parallel = config.tensor_model_parallel_size > 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.weight, self.bias
+        if self.tensor_parallel:
+            weight, bias = copy_to_tensor_model_parallel_region(weight), copy_to_tensor_model_parallel_region(bias)
+        dtype = _at_least_fp32(x.dtype)
+        heads = x.to(dtype).unflatten(-1, (-1, self.head_dim))
+        y = F.layer_norm(heads, (self.head_dim,), weight.to(dtype), bias.to(dtype), self.eps)
+        return y.flatten(-2).to(x.dtype)

@@ -2,7 +2,7 @@
 
 The head dimension is split into a time, a height and a width part; each part rotates consecutive
 channel pairs (2i, 2i+1) by ``position * theta^(-2i/dim)`` of its own axis. Frequencies are built in
-float64 and stored as float32 cos/sin tables of shape [tokens, head_dim] whose entries are repeated for
+float64 (float32 where a model computes them so) and stored as float32 cos/sin tables of shape [tokens, head_dim] whose entries are repeated for
 both members of a pair, so one ``apply_rotary`` serves every model (Wan: integer positions;
 CogVideoX 5B: its own axis split and grid positions).
 """
@@ -19,23 +19,25 @@ def wan_axis_dims(head_dim: int) -> Tuple[int, int, int]:
     return head_dim - 2 * spatial, spatial, spatial
 
 
-def axis_frequencies(dim: int, positions: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
-    """Angles [len(positions), dim // 2] of one axis, in float64."""
+def axis_frequencies(dim: int, positions: torch.Tensor, theta: float = 10000.0,
+                     dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Angles [len(positions), dim // 2] of one axis, computed in ``dtype``."""
     if dim % 2:
         raise ValueError(f"a rotary axis needs an even number of channels, got {dim}")
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
-    return torch.outer(positions.to(torch.float64), inv_freq)
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=dtype) / dim))
+    return torch.outer(positions.to(dtype), inv_freq)
 
 
-def rope_3d(grid_positions: Sequence[torch.Tensor], axis_dims: Sequence[int], theta: float = 10000.0
-            ) -> Tuple[torch.Tensor, torch.Tensor]:
+def rope_3d(grid_positions: Sequence[torch.Tensor], axis_dims: Sequence[int], theta: float = 10000.0,
+            dtype: torch.dtype = torch.float64) -> Tuple[torch.Tensor, torch.Tensor]:
     """cos, sin tables [F*H*W, sum(axis_dims)] for tokens ordered frame-major (f, h, w).
 
-    ``grid_positions`` are the 1-D positions along time, height and width.
+    ``grid_positions`` are the 1-D positions along time, height and width. ``dtype`` is the precision
+    of the angles (Wan: float64; CogVideoX computes its tables in float32, and so must we to match it).
     """
     pos_t, pos_h, pos_w = grid_positions
     nt, nh, nw = len(pos_t), len(pos_h), len(pos_w)
-    angles = [axis_frequencies(d, p, theta) for d, p in zip(axis_dims, grid_positions)]
+    angles = [axis_frequencies(d, p, theta, dtype) for d, p in zip(axis_dims, grid_positions)]
     grid = torch.cat([
         angles[0].view(nt, 1, 1, -1).expand(nt, nh, nw, -1),
         angles[1].view(1, nh, 1, -1).expand(nt, nh, nw, -1),

@@ -16,9 +16,25 @@ Batch = Dict[str, torch.Tensor]  # latents (B, C, F, H, W), timestep (B,), text_
 
 
 def video_tokens(model_chunk: torch.nn.Module, latents_shape: Sequence[int]) -> int:
-    patch = getattr(model_chunk, "module", model_chunk).patch_size  # DDP-wrapped chunks too
+    """Video tokens of one sample; ``latents_shape`` in the model's input layout.
+
+    A model whose layout is not (B, C, F, H, W) (CogVideoX: (B, F, C, H, W)) defines ``video_tokens``.
+    """
+    model = getattr(model_chunk, "module", model_chunk)  # DDP-wrapped chunks too
+    if hasattr(model, "video_tokens"):
+        return model.video_tokens(latents_shape)
+    patch = model.patch_size
     patch = patch if isinstance(patch, tuple) else (1, patch, patch)
     return math.prod(n // p for n, p in zip(latents_shape[2:], patch))
+
+
+def stage_sequence_length(model_chunk: torch.nn.Module, batch: Batch) -> int:
+    """Tokens of the activations passed between pipeline stages: the video tokens, or a model's own
+    count (``sequence_length``: CogVideoX passes its joint [text; video] sequence)."""
+    model = getattr(model_chunk, "module", model_chunk)
+    if hasattr(model, "sequence_length"):
+        return model.sequence_length(batch["latents"].shape, batch["text_embeds"].shape)
+    return video_tokens(model_chunk, batch["latents"].shape)
 
 
 def run_pipeline(model_chunks: List[torch.nn.Module], microbatches: List[Batch], *,
@@ -38,6 +54,9 @@ def run_pipeline(model_chunks: List[torch.nn.Module], microbatches: List[Batch],
     if len(shapes) != 1:
         raise ValueError(f"all micro-batches of one schedule must share a latent shape, got {sorted(shapes)}")
     shape = shapes.pop()
+    lengths = {stage_sequence_length(model_chunks[0], mb) for mb in microbatches}
+    if len(lengths) != 1:
+        raise ValueError(f"all micro-batches of one schedule must share a sequence length, got {sorted(lengths)}")
     outputs: List[torch.Tensor] = []
 
     def loss_func(batch: Batch, prediction: torch.Tensor):
@@ -56,7 +75,7 @@ def run_pipeline(model_chunks: List[torch.nn.Module], microbatches: List[Batch],
         data_iterator=iterators if len(model_chunks) > 1 else iterators[0],
         model=model_chunks if len(model_chunks) > 1 else model_chunks[0],
         num_microbatches=len(microbatches),
-        seq_length=video_tokens(model_chunks[0], shape),
+        seq_length=lengths.pop(),
         micro_batch_size=shape[0],
         forward_only=forward_only,
     )
