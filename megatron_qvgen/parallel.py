@@ -76,7 +76,8 @@ def initialize_parallel(cfg: ParallelConfig, seed: int | None = None) -> Paralle
         tensor_model_parallel_size=cfg.tensor_parallel,
         pipeline_model_parallel_size=cfg.pipeline_parallel,
         virtual_pipeline_model_parallel_size=cfg.virtual_pipeline,
-        create_gloo_process_groups=not torch.cuda.is_available() or cfg.distributed_optimizer,
+        # megatron's optimizer uses gloo groups for its (CPU-side) state exchange by default
+        create_gloo_process_groups=True,
     )
     if seed is not None:
         set_seed(seed)

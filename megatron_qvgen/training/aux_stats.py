@@ -35,7 +35,8 @@ def aux_singular_value_summary(model_chunks) -> Dict[str, float]:
             dist.all_reduce(local_r, group=tp_group)
             grams_l = torch.where(split_rows.view(-1, 1, 1), local_l, grams_l)
             grams_r = torch.where(split_rows.view(-1, 1, 1), grams_r, local_r)
-        eig = torch.linalg.eigvals(grams_l @ grams_r).real.clamp_min(0).sqrt()
+        # r x r per layer: on the CPU (CUDA's general eigensolver needs MAGMA)
+        eig = torch.linalg.eigvals((grams_l @ grams_r).cpu()).real.clamp_min(0).sqrt()
         sigma = eig.sort(dim=-1, descending=True).values
         totals[0] = sigma[:, 0].sum()
         totals[1] = sigma[:, -1].sum()
