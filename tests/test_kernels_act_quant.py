@@ -120,6 +120,7 @@ def test_scalar_division_probe_on_cpu():
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")  # also without the conftest
 def test_codes_match_codes_py_on_gpu_at_model_width():
     gen = torch.Generator().manual_seed(0)
     lo = torch.sigmoid(torch.randn(50, generator=gen)).cuda()

@@ -108,6 +108,7 @@ def test_rejects_mismatched_operands():
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")  # also without the conftest
 @pytest.mark.parametrize("K, N", [(5120, 5120), (5120, 13824), (13824, 5120), (1536, 8960)])
 def test_full_shapes_on_gpu(K, N):
     M = 4096
