@@ -63,8 +63,10 @@ class CogVideoXModel(VideoModelStage):
         self.patch_size = model_cfg.patch_size
         h, linears = model_cfg.hidden_size, submodules.linears
         self.time_embedding = self.build_replicated(lambda cfg: CogVideoXTimeEmbedding(cfg, linears, model_cfg))
-        make = rotary_tables if model_cfg.use_rotary_positional_embeddings else sincos_table
-        self.positions = GridTables(partial(make, model_cfg))
+        if model_cfg.use_rotary_positional_embeddings:
+            self.positions = GridTables(partial(rotary_tables, model_cfg))
+        else:  # cast once from float64 to the activation dtype, as diffusers casts its table
+            self.positions = GridTables(lambda grid: sincos_table(model_cfg, grid).to(config.params_dtype))
         if pre_process:
             self.patch_embed = CogVideoXPatchEmbed(config, linears, model_cfg)
         self.transformer_blocks = torch.nn.ModuleList([
@@ -98,7 +100,7 @@ class CogVideoXModel(VideoModelStage):
         if timestep.numel() != latents.shape[0]:
             raise ValueError(f"one timestep per sample expected: got {timestep.numel()} for batch {latents.shape[0]}")
         with self.quant_scope(timestep):
-            temb = self.time_embedding(timestep).to(self.config.params_dtype)
+            temb = self.time_embedding(timestep)
             rope = self.model_cfg.use_rotary_positional_embeddings
             layout = JointLayout(text_tokens=self._local_text_tokens(text_len, text_len + math.prod(grid)),
                                  rotary=self.positions(grid, latents.device) if rope else None)
