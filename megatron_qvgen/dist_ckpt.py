@@ -98,7 +98,8 @@ def load_sharded(sharded_state_dict: Dict[str, Any], path: str) -> Dict[str, Any
 def _last_line(exc: BaseException) -> str:
     """torch DCP wraps the real reason in per-rank tracebacks: keep the last non-empty line."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[-1] if lines else type(exc).__name__
+    line = lines[-1] if lines else type(exc).__name__
+    return line if len(line) <= 600 else line[:600] + f" ... ({len(line) - 600} more characters)"
 
 
 def load_common(path: str) -> Optional[Dict[str, Any]]:

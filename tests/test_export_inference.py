@@ -32,12 +32,12 @@ def _student_and_runtime(rank, world, cfg, ckpt, export_dir):
     from megatron_qvgen.parallel import initialize_parallel
     from megatron_qvgen.quant import quant_context, quant_linears
     from megatron_qvgen.quant.rank_decay import RankDecay, RankDecaySchedule
-    from megatron_qvgen.training.checkpointing import read_common
+    from megatron_qvgen.training.checkpointing import holds_aux_factors
     from qvgen_kernels.wan_model import WanRuntimeTransformer
 
     initialize_parallel(cfg.parallel, seed=0)
     student = build_model_chunks(cfg.model, cfg.parallel, spec="qat", quant=cfg.quant)[0]
-    RankDecay(student, RankDecaySchedule(cfg.quant, cfg.decay_phase_steps)).restore(read_common(ckpt)["step"])
+    RankDecay(student, RankDecaySchedule(cfg.quant, cfg.decay_phase_steps)).restore(holds_aux_factors(ckpt))
     student.load_state_dict(load_sharded({"model": student.sharded_state_dict()}, ckpt)["model"])
     gen = torch.Generator().manual_seed(3)
     latents = torch.randn(2, 4, 2, 8, 8, generator=gen)

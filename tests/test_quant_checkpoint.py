@@ -73,11 +73,11 @@ def _load_and_compare(rank, world, path, full_params, gate):
     initialize_parallel(ParallelConfig(tensor_parallel=world), seed=99)
     tp = ps.get_tensor_model_parallel_rank()
     loaded = _pair_module(world)
-    RankDecay(loaded, RankDecaySchedule(QUANT, phase_steps=2)).restore(completed_steps=3)
+    RankDecay(loaded, RankDecaySchedule(QUANT, phase_steps=2)).restore(aux_in_checkpoint=True)
     loaded.load_state_dict(load_sharded(loaded.sharded_state_dict(), path))
     # the same values written straight into a fresh model of this TP size
     direct = _pair_module(world)
-    RankDecay(direct, RankDecaySchedule(QUANT, phase_steps=2)).restore(completed_steps=3)
+    RankDecay(direct, RankDecaySchedule(QUANT, phase_steps=2)).restore(aux_in_checkpoint=True)
     with torch.no_grad():
         for name, p in _local_params_refs(direct).items():
             split = SPLIT[name]

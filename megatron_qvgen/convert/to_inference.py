@@ -97,8 +97,7 @@ def export_inference(src: str | os.PathLike, dst: str | os.PathLike, *, keep_aux
             aux_r = t[name + ".aux_R"][:aux_rank].float()
         linears[_diffusers(entries, name)] = QuantizedLinearExport.from_codes(
             codes.weight_codes(weight, scale, zero, q.weight_bits), scale, zero,
-            torch.sigmoid(t[name + ".act_quantizer.clip_lower"].float()),
-            torch.sigmoid(t[name + ".act_quantizer.clip_upper"].float()),
+            _clip_factors(t[name + ".act_quantizer.clip_lower"]), _clip_factors(t[name + ".act_quantizer.clip_upper"]),
             q.weight_bits, bias=t.get(name + ".bias"), aux_left=aux_l, aux_right=aux_r)
     in_linear = {name + s for name in quantized for s in quant_suffixes}
     plain_keys = {k: v for k, v in model_keys.items() if k not in in_linear}
@@ -107,6 +106,13 @@ def export_inference(src: str | os.PathLike, dst: str | os.PathLike, *, keep_aux
                                       num_timestep_groups=q.num_timestep_groups)
     written = write_export(dst, diffusers_config_dict(cfg.model), quant_config, linears, plain, overwrite=overwrite)
     return InferenceExportSummary(written, step, len(linears), len(plain), aux_rank)
+
+
+def _clip_factors(logits: torch.Tensor) -> torch.Tensor:
+    """sigmoid of the clip logits as the fake quantizer computed it: CPU and CUDA sigmoids can differ in the
+    last bit, so on a machine with a GPU (where training ran) it is computed there."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.sigmoid(logits.to(device).float()).cpu()
 
 
 def _diffusers(entries: Dict[str, str], megatron_name: str) -> str:

@@ -197,11 +197,10 @@ class RankDecay:
             raise RuntimeError(f"auxiliary factors have mixed ranks {sorted(ranks)}")
         return ranks.pop() if ranks else 0
 
-    def restore(self, completed_steps: int) -> None:
-        """Prepare a freshly built model for a checkpoint taken after ``completed_steps`` steps: once the
-        last boundary has run the factors no longer exist (earlier ranks live in the checkpoint's
-        ``aux_active_rank`` buffers). Boundaries run at the start of a step, so step ``c`` has not yet
-        applied its own."""
-        if completed_steps > 0 and self.schedule.active and self.schedule.rank_at(completed_steps - 1) == 0:
+    def restore(self, aux_in_checkpoint: bool) -> None:
+        """Prepare a freshly built model for a checkpoint: once its last boundary had run the factors no
+        longer exist (earlier ranks live in the checkpoint's ``aux_active_rank`` buffers). Decided by what
+        the checkpoint holds, not by the schedule, so a changed ``train.steps`` still resumes."""
+        if not aux_in_checkpoint:
             for layer in _layers_with_aux(self.models):
                 layer.remove_aux()

@@ -132,6 +132,13 @@ def save_checkpoint(save_dir: str, step: int, chunks, optimizer, scheduler, comm
     return path
 
 
+def holds_aux_factors(path: str) -> bool:
+    """Whether the student in this checkpoint still has auxiliary factors (rank decay not yet at 0)."""
+    from megatron_qvgen.convert.checkpoint_io import checkpoint_shapes
+
+    return any(k.endswith(".aux_L") and not k.startswith("optimizer") for k in checkpoint_shapes(path))
+
+
 def read_common(path: str) -> Dict[str, Any]:
     """step, scheduler, layout, common (no tensors of the model): decides how to build before loading."""
     return load_common(path)

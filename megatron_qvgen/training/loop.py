@@ -84,8 +84,7 @@ class Trainer:
             self._load_teacher(self.init_from)
         self._copy_teacher_into_student()
         if resume is not None:
-            common = ckpt.read_common(resume)
-            RankDecay(self.student, self.schedule).restore(common["step"])
+            RankDecay(self.student, self.schedule).restore(ckpt.holds_aux_factors(resume))
             self.opt = build_optimization(self.student, cfg)
             common = ckpt.load_checkpoint(resume, self.opt.chunks, self.opt.optimizer, self.opt.scheduler)
             self.state.step = common["step"]
