@@ -122,7 +122,8 @@ class CogVideoXModel(VideoModelStage):
         if height % cfg.patch_size or width % cfg.patch_size:
             raise ValueError(f"latent size (H, W) = {(height, width)} is not divisible by patch {cfg.patch_size}")
         if text_embeds.ndim != 3 or text_embeds.shape[0] != batch or text_embeds.shape[2] != cfg.text_embed_dim:
-            raise ValueError(f"text_embeds must be (B={batch}, L, {cfg.text_embed_dim}), got {tuple(text_embeds.shape)}")
+            raise ValueError(f"text_embeds must be (B={batch}, L, {cfg.text_embed_dim}), "
+                             f"got {tuple(text_embeds.shape)}")
         grid = (frames, height // cfg.patch_size, width // cfg.patch_size)
         tp = parallel_state.get_tensor_model_parallel_world_size()
         tokens = text_embeds.shape[1] + frames * grid[1] * grid[2]

@@ -2,9 +2,9 @@
 
 The head dimension is split into a time, a height and a width part; each part rotates consecutive
 channel pairs (2i, 2i+1) by ``position * theta^(-2i/dim)`` of its own axis. Frequencies are built in
-float64 (float32 where a model computes them so) and stored as float32 cos/sin tables of shape [tokens, head_dim] whose entries are repeated for
-both members of a pair, so one ``apply_rotary`` serves every model (Wan: integer positions;
-CogVideoX 5B: its own axis split and grid positions).
+float64 (float32 where a model computes them so) and stored as float32 cos/sin tables of shape
+[tokens, head_dim] whose entries are repeated for both members of a pair, so one ``apply_rotary`` serves
+every model (Wan: integer positions; CogVideoX 5B: its own axis split and grid positions).
 """
 from __future__ import annotations
 
