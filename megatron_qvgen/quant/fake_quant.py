@@ -7,6 +7,7 @@ bit-identical) and the same gradients up to float rounding. The integer codes co
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -48,7 +49,7 @@ def fake_quant_weight_reference(weight: torch.Tensor, scale: torch.Tensor, zero:
 
 
 def fake_quant_activation(x, a_lo, a_hi, clip_ratio, bits, row_group=None):
-    if x.is_cuda:
+    if x.is_cuda and not (_MODE == "fused-tp1" and row_group is not None and dist.get_world_size(row_group) > 1):
         fused = _fused()
         if fused is not None:
             return fused.fake_quant_activation(x, a_lo, a_hi, clip_ratio, bits, row_group)
@@ -64,11 +65,18 @@ def fake_quant_weight(weight, scale, zero, bits, grad_factor, aux_l=None, aux_r=
 
 
 _FUSED = None
+# QVGEN_FAKE_QUANT: "fused" (default: Triton on CUDA), "reference" (always the torch path), or "fused-tp1"
+# (Triton except where a row is split over tensor-parallel ranks). For debugging and A/B timing.
+_MODE = os.environ.get("QVGEN_FAKE_QUANT", "fused")
+if _MODE not in ("fused", "reference", "fused-tp1"):
+    raise ValueError(f"QVGEN_FAKE_QUANT must be fused, reference or fused-tp1, got {_MODE!r}")
 
 
 def _fused():
     """The Triton implementation when it exists and Triton imports; None otherwise (torch path)."""
     global _FUSED
+    if _MODE == "reference":
+        return None
     if _FUSED is None:
         try:
             from megatron_qvgen.quant import fused_fake_quant  # noqa: PLC0415
