@@ -177,7 +177,8 @@ def test_full_schedule_bf16_teacher_frozen_main_params_and_tensorboard(teacher_c
     root, teacher = teacher_ckpt
     run_dir = str(root / "bf16")
     save = os.path.join(run_dir, "ckpt")
-    out = run_distributed(_train, 1, tiny_cfg(run_dir, precision="bf16", save_dir=save, image_interval=5), teacher)[0]
+    out = run_distributed(_train, 1, tiny_cfg(run_dir, precision="bf16", save_dir=save, image_interval=5,
+                                              eval_interval=5, eval_microbatches=2), teacher)[0]
     assert bool(out["teacher_frozen"]), "the teacher received gradients"
     assert int(out["aux_params"]) == 0 and not any("aux_" in n for n in out["weights"])
     assert bool(out["main_matches_model"]), "optimizer main params and model params disagree after rank decay"
@@ -195,7 +196,7 @@ def test_full_schedule_bf16_teacher_frozen_main_params_and_tensorboard(teacher_c
     acc = EventAccumulator(os.path.join(run_dir, "tb"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    for tag in ("loss", "grad_norm", "lr/weights", "lr/clip_logits", "aux/rank", "aux/gate",
+    for tag in ("loss", "eval/loss", "grad_norm", "lr/weights", "lr/clip_logits", "aux/rank", "aux/gate",
                 "throughput/samples_per_s", "throughput/tflops_per_gpu", "memory/peak_gib", "data/bad_samples"):
         assert tag in tags, f"missing TensorBoard scalar {tag}"
     ranks = [e.value for e in acc.Scalars("aux/rank")]
@@ -234,3 +235,40 @@ def test_sigterm_checkpoints_and_stops(teacher_ckpt):
     out = run_distributed(_train, 1, tiny_cfg(run_dir, save_dir=save), teacher, sigterm_at=3)[0]
     assert int(out["step"]) == 4  # the signalled step finishes, then the run saves and stops
     assert os.path.isdir(os.path.join(save, "iter_0000004"))
+
+
+def _overfit(rank, world, cfg, init_from, steps):
+    """Train on one fixed global batch with fixed noise: the student must close the gap to the teacher."""
+    import itertools
+
+    import megatron_qvgen.training.loop as loop
+    from megatron_qvgen.training.diffusion import noise_generator
+    from megatron_qvgen.training.loop import Trainer
+
+    loop.make_microbatches.__globals__["noise_generator"] = lambda seed, step, i: noise_generator(seed, 0, i)
+    trainer = Trainer(cfg, init_from=init_from).setup()
+    fixed = [next(trainer.loader) for _ in range(cfg.train.num_microbatches(1))]
+    batches = itertools.cycle(fixed)
+
+    class FixedLoader:
+        bad_samples = {}
+
+        def __next__(self):
+            return next(batches)
+
+    trainer.loader = FixedLoader()
+    for _ in range(steps):
+        trainer._one_step(len(fixed))
+    return {"losses": torch.tensor(trainer.state.losses, dtype=torch.float64)}
+
+
+def test_student_closes_the_gap_on_a_fixed_batch(teacher_ckpt):
+    from megatron_qvgen.config import QuantConfig
+
+    root, teacher = teacher_ckpt
+    cfg = tiny_cfg(str(root / "overfit"), steps=30)
+    import dataclasses
+
+    cfg = dataclasses.replace(cfg, quant=QuantConfig.for_method("lsq", "w8a8"))
+    losses = run_distributed(_overfit, 1, cfg, teacher, 25)[0]["losses"]
+    assert float(losses[-3:].mean()) < float(losses[:3].mean()) / 4, losses

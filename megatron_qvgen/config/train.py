@@ -39,6 +39,10 @@ class TrainConfig:
     log_interval: int = 1
     tensorboard_dir: Optional[str] = None
     image_interval: int = 0
+    # Student-vs-teacher loss on a fixed set of eval_microbatches noisy inputs every eval_interval steps
+    # (0 = off): the trend that per-step losses, each at a random noise level, hide.
+    eval_interval: int = 0
+    eval_microbatches: int = 4
     # Consecutive non-finite losses tolerated (each skipped and counted) before the run stops.
     max_consecutive_nonfinite: int = 3
 
@@ -57,6 +61,8 @@ class TrainConfig:
         for name in ("lr", "aux_lr", "act_clip_lr"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0")
+        if self.eval_interval < 0 or self.eval_microbatches < 1:
+            raise ConfigError("train.eval_interval must be >= 0 and train.eval_microbatches >= 1")
         if self.save_interval < 0 or self.log_interval < 1:
             raise ConfigError("train.save_interval must be >= 0 and train.log_interval >= 1")
         if self.max_consecutive_nonfinite < 1:

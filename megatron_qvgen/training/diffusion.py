@@ -14,7 +14,7 @@ batch gets the same noise whatever its split over data-parallel ranks.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -35,9 +35,11 @@ class FlowMatching:
         sigma = 1.0 - levels.double() / NUM_TRAIN_TIMESTEPS
         return self.shift * sigma / (1.0 + (self.shift - 1.0) * sigma)
 
-    def add_noise(self, x0: torch.Tensor, gen: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(x_t, timestep, noise) for a batch x0 [B, ...]."""
-        levels = torch.randint(0, NUM_TRAIN_TIMESTEPS, (x0.shape[0],), generator=gen)
+    def add_noise(self, x0: torch.Tensor, gen: torch.Generator, levels: Optional[torch.Tensor] = None
+                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x_t, timestep, noise) for a batch x0 [B, ...]; training levels drawn unless given."""
+        if levels is None:
+            levels = torch.randint(0, NUM_TRAIN_TIMESTEPS, (x0.shape[0],), generator=gen)
         noise = torch.randn(x0.shape, generator=gen, dtype=torch.float32)
         sigma = self.sigmas(levels)
         s = sigma.float().view(-1, *([1] * (x0.dim() - 1)))
@@ -67,8 +69,9 @@ class VPrediction:
         abar = torch.cumprod(1.0 - betas, dim=0)
         return abar / (self.snr_shift_scale + (1.0 - self.snr_shift_scale) * abar)
 
-    def add_noise(self, x0: torch.Tensor, gen: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (x0.shape[0],), generator=gen)
+    def add_noise(self, x0: torch.Tensor, gen: torch.Generator, levels: Optional[torch.Tensor] = None
+                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (x0.shape[0],), generator=gen) if levels is None else levels
         noise = torch.randn(x0.shape, generator=gen, dtype=torch.float32)
         abar = self.alphas_cumprod()[t].float().view(-1, *([1] * (x0.dim() - 1)))
         return abar.sqrt() * x0.float() + (1.0 - abar).sqrt() * noise, t, noise

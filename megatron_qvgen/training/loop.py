@@ -20,6 +20,7 @@ from megatron_qvgen.training import checkpointing as ckpt
 from megatron_qvgen.training.aux_stats import aux_singular_value_summary
 from megatron_qvgen.training.diffusion import objective_for
 from megatron_qvgen.training.distill import data_parallel_mean, distill_step, make_microbatches
+from megatron_qvgen.training.evaluation import build_eval_set, eval_loss
 from megatron_qvgen.training.monitor import Monitor, latent_preview, peak_memory_gib, step_flops
 from megatron_qvgen.training.optimizer import (MegatronOptimizerAdapter, Optimization, build_optimization,
                                                lrs_by_group, rebuild_without)
@@ -37,6 +38,7 @@ class RunState:
     nonfinite_skipped: int = 0
     nonfinite_in_a_row: int = 0
     losses: List[float] = field(default_factory=list)
+    eval_losses: List = field(default_factory=list)  # (step, loss) on the fixed evaluation set
 
 
 def _count_replicated_embedders_once(chunks, first_stage: bool) -> None:
@@ -100,6 +102,12 @@ class Trainer:
             self.resumed_from = None
         self._wire_grad_finalisation()
         self.decay = RankDecay(self.student, self.schedule, MegatronOptimizerAdapter(self.opt.optimizer))
+        self.eval_set = None
+        if cfg.train.eval_interval:
+            m = cfg.model
+            self.eval_set = build_eval_set(cfg, self.objective, num_microbatches=cfg.train.eval_microbatches,
+                                           dtype=self.dtype, device=self.info.device, latent_channels=m.in_channels,
+                                           text_len=m.text_len, text_dim=m.text_dim if m.arch == "wan" else m.text_embed_dim)
         self.monitor = Monitor(self._is_logging_rank(), cfg.train.tensorboard_dir, self.info.world_size,
                                total_steps=cfg.train.steps, start_step=self.state.step)
         self.preemption = ckpt.PreemptionFlag().install()
@@ -219,6 +227,10 @@ class Trainer:
         if loss is not None:
             self.state.losses.append(loss)
         self.monitor.advance(loss, self.decay.current_rank())
+        if self.eval_set is not None and (self.state.step % t.eval_interval == 0 or self.state.step == t.steps):
+            values["eval/loss"] = data_parallel_mean(
+                eval_loss(self.opt.chunks, self.teacher, self.eval_set, gate), device)
+            self.state.eval_losses.append((self.state.step, values["eval/loss"]))
         if self.state.step % t.log_interval == 0 or self.state.step == t.steps:
             self._log(step, loss, values, gate, batches, result)
 

@@ -82,11 +82,12 @@ class Monitor:
         if not self.is_logging_rank:
             return
         parts = [f"step {step}/{total}"]
-        for key in ("loss", "grad_norm", "lr/weights", "aux/rank", "aux/gate", "throughput/samples_per_s",
+        for key in ("loss", "eval/loss", "grad_norm", "lr/weights", "aux/rank", "aux/gate", "throughput/samples_per_s",
                     "throughput/tflops_per_gpu", "memory/peak_gib", "data/bad_samples", "nonfinite/skipped"):
             if key in values and values[key] is not None:
                 v = values[key]
-                parts.append(f"{key.split('/')[-1]} {v:.4g}" if isinstance(v, float) else f"{key.split('/')[-1]} {v}")
+                label = key.replace("/", "_") if key.startswith("eval/") else key.split("/")[-1]
+                parts.append(f"{label} {v:.4g}" if isinstance(v, float) else f"{label} {v}")
         line = " | ".join(parts)
         if self.bar is not None:
             self.bar.write(line, file=sys.stdout)
