@@ -17,5 +17,6 @@ fi
 torchrun --standalone --nproc-per-node "$NPROC" -m megatron_qvgen.train --recipe tiny_wan --init-from "$OUT/teacher" \
   --data.shards "$OUT/data" --data.synthesize_if_missing true --parallel.tensor_parallel "$NPROC" \
   --train.steps 60 --train.lr 1e-4 --train.aux_lr 1e-4 --train.log_interval 10 --train.image_interval 20 \
+  --train.eval_interval 10 --train.save_interval 20 \
   --train.save_dir "$OUT/checkpoints" --train.tensorboard_dir "$OUT/tensorboard" "$@"
 echo "done: final checkpoint $OUT/checkpoints/$(cat "$OUT/checkpoints/latest" 2>/dev/null); TensorBoard: tensorboard --logdir $OUT/tensorboard"

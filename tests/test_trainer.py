@@ -203,7 +203,9 @@ def test_full_schedule_bf16_teacher_frozen_main_params_and_tensorboard(teacher_c
     assert ranks[:4] == [4, 2, 1, 0] and ranks[-1] == 0  # T = 1: one phase per step
     losses = [e.value for e in acc.Scalars("loss")]
     assert len(losses) == STEPS and all(l == pytest.approx(float(x), rel=1e-6) for l, x in zip(losses, out["losses"]))
-    assert {"samples/teacher_x0", "samples/student_x0"} <= set(acc.Tags()["images"])
+    assert "samples/data|teacher|student_x0" in set(acc.Tags()["images"])
+    image = acc.Images("samples/data|teacher|student_x0")[-1]
+    assert image.height >= 128 and image.width > 2 * image.height  # three legible frames side by side
 
 
 def test_nonfinite_losses_are_skipped_then_stop_with_checkpoint_intact(teacher_ckpt):

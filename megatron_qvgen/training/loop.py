@@ -21,7 +21,7 @@ from megatron_qvgen.training.aux_stats import aux_singular_value_summary
 from megatron_qvgen.training.diffusion import objective_for
 from megatron_qvgen.training.distill import data_parallel_mean, distill_step, make_microbatches
 from megatron_qvgen.training.evaluation import build_eval_set, eval_loss
-from megatron_qvgen.training.monitor import Monitor, latent_preview, peak_memory_gib, step_flops
+from megatron_qvgen.training.monitor import Monitor, peak_memory_gib, preview_strip, step_flops
 from megatron_qvgen.training.optimizer import (MegatronOptimizerAdapter, Optimization, build_optimization,
                                                lrs_by_group, rebuild_without)
 
@@ -258,13 +258,18 @@ class Trainer:
         self.monitor.console(self.state.step, cfg.train.steps, values)
         interval = cfg.train.image_interval
         if interval and self.state.step % interval == 0 and result.teacher and result.student:
-            mb = result.inputs[0]
-            x_t, ts = mb["latents"][:1].float().cpu(), mb["timestep"][:1].cpu()
-            images = {}
-            for name, pred in (("teacher", result.teacher[0]), ("student", result.student[0])):
-                x0 = self.objective.predicted_x0(x_t, ts, pred[:1].float().cpu())[0]
-                images[f"samples/{name}_x0"] = latent_preview(x0 if cfg.model.arch == "wan" else x0.transpose(0, 1))
-            self.monitor.images(self.state.step, images)
+            self.monitor.images(self.state.step, {"samples/data|teacher|student_x0": self._preview(batches, result)})
+
+    def _preview(self, batches, result) -> torch.Tensor:
+        """The clean latent of this step's first sample and the x0 that teacher and student predict from it."""
+        mb = result.inputs[0]
+        x_t, ts = mb["latents"][:1].float().cpu(), mb["timestep"][:1].cpu()
+        cog = self.cfg.model.arch == "cogvideox"  # (B, F, C, H, W) model layout
+        latents = [batches[0].latents[0]]
+        for pred in (result.teacher[0], result.student[0]):
+            x0 = self.objective.predicted_x0(x_t, ts, pred[:1].float().cpu())[0]
+            latents.append(x0.transpose(0, 1) if cog else x0)
+        return preview_strip(latents)
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> Optional[str]:

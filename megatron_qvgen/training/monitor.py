@@ -102,14 +102,22 @@ class Monitor:
             self.writer.close()
 
 
-def latent_preview(latent: torch.Tensor) -> torch.Tensor:
-    """First frame of a latent (C, F, H, W), three channels min-max scaled to [0, 1] for a look."""
-    frame = latent[:3, 0].float()
-    if frame.shape[0] < 3:
-        frame = torch.cat([frame, frame[:1].expand(3 - frame.shape[0], -1, -1)])
-    lo = frame.amin(dim=(1, 2), keepdim=True)
-    hi = frame.amax(dim=(1, 2), keepdim=True)
-    return (frame - lo) / (hi - lo).clamp_min(1e-6)
+def preview_strip(latents, min_height: int = 128) -> torch.Tensor:
+    """First frame of each latent (C, F, H, W) side by side, channels 0-2 as RGB, one shared colour scale
+    (taken from the first, the data) so that a student that drifts from the teacher shows, upscaled
+    (nearest) to be legible. Returns CHW in [0, 1]."""
+    frames = []
+    for latent in latents:
+        frame = latent[:3, 0].float().cpu()
+        if frame.shape[0] < 3:
+            frame = torch.cat([frame, frame[:1].expand(3 - frame.shape[0], -1, -1)])
+        frames.append(frame)
+    lo = frames[0].amin(dim=(1, 2), keepdim=True)
+    hi = frames[0].amax(dim=(1, 2), keepdim=True)
+    gap = torch.ones(3, frames[0].shape[1], 1)
+    strip = torch.cat([t for f in frames for t in (((f - lo) / (hi - lo).clamp_min(1e-6)).clamp(0, 1), gap)][:-1], dim=2)
+    scale = max(1, -(-min_height // strip.shape[1]))
+    return strip.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
 
 
 def peak_memory_gib() -> float:
