@@ -7,7 +7,7 @@ for its forward, runs its blocks with optional activation recompute, and describ
 dist checkpoints under diffusers' names with blocks at their global index.
 
 Subclasses name the attribute holding their blocks (``BLOCKS``) and their replicated children
-(``REPLICATED``). CogVideoX is built on it; Wan has the same logic inline (models/wan/model.py).
+(``REPLICATED``). Wan and CogVideoX are built on it.
 """
 from __future__ import annotations
 
