@@ -13,10 +13,8 @@ conditioning of the I2V models and Wan 2.2's per-token timesteps are refused.
 from __future__ import annotations
 
 import collections
-import contextlib
 import math
-import os
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -24,8 +22,9 @@ from torch import nn
 
 from . import codes
 from .context import timestep_groups
-from .format import QuantizationConfig, load_export
-from .linear import QuantizedLinear
+from .format import QuantizationConfig
+from .runtime_parts import (RuntimeConfig, RuntimeTransformer, apply_interleaved_rope, fp32_layer_norm,
+                            run_linear, runtime_config, runtime_linear, timestep_sinusoids)
 
 _DEFAULTS = dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16,
                  out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
@@ -36,18 +35,8 @@ _DEFAULTS = dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_di
 WanRuntimeOutput = collections.namedtuple("WanRuntimeOutput", ["sample"])   # .sample and [0], like diffusers'
 
 
-class RuntimeConfig(dict):
-    """The diffusers config dict with attribute access (pipelines read ``transformer.config.patch_size``)."""
-
-    def __getattr__(self, name):
-        try:
-            return self[name]
-        except KeyError as e:
-            raise AttributeError(name) from e
-
-
 def wan_config(config: Mapping) -> RuntimeConfig:
-    cfg = RuntimeConfig({**_DEFAULTS, **{k: v for k, v in config.items() if not k.startswith("_")}})
+    cfg = runtime_config(_DEFAULTS, config)
     cfg["patch_size"] = tuple(cfg["patch_size"])
     cfg["out_channels"] = cfg["out_channels"] or cfg["in_channels"]
     if cfg.image_dim is not None or cfg.added_kv_proj_dim is not None or cfg.pos_embed_seq_len is not None:
@@ -59,60 +48,29 @@ def wan_config(config: Mapping) -> RuntimeConfig:
     return cfg
 
 
-def _linear(name: str, in_f: int, out_f: int, quant: Optional[QuantizationConfig], dtype) -> nn.Module:
-    if quant is not None and name in quant.module_shapes:
-        if quant.module_shapes[name] != (out_f, in_f):
-            raise ValueError(f"{name}: the export says [out, in] = {list(quant.module_shapes[name])}, the model "
-                             f"config needs {[out_f, in_f]}")
-        return QuantizedLinear(in_f, out_f, quant.weight_bits, quant.act_bits, quant.act_clip_ratio,
-                               quant.num_timestep_groups)
-    return nn.Linear(in_f, out_f, dtype=dtype)
-
-
-def _run_linear(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A bf16 nn.Linear needs its own dtype; a QuantizedLinear takes any float input and keeps its dtype."""
-    if isinstance(linear, nn.Linear):
-        return linear(x.to(linear.weight.dtype))
-    return linear(x)
-
-
-def _layer_norm(x: torch.Tensor, eps: float, norm: Optional[nn.LayerNorm] = None) -> torch.Tensor:
-    """FP32LayerNorm: statistics and affine in float32."""
-    if norm is None:
-        return F.layer_norm(x.float(), x.shape[-1:], eps=eps)
-    return F.layer_norm(x.float(), x.shape[-1:], norm.weight.float(), norm.bias.float(), eps)
-
-
 class _Attention(nn.Module):
     def __init__(self, prefix: str, dim: int, heads: int, eps: float, quant, dtype):
         super().__init__()
         self.heads = heads
-        self.to_q = _linear(f"{prefix}.to_q", dim, dim, quant, dtype)
-        self.to_k = _linear(f"{prefix}.to_k", dim, dim, quant, dtype)
-        self.to_v = _linear(f"{prefix}.to_v", dim, dim, quant, dtype)
-        self.to_out = nn.ModuleList([_linear(f"{prefix}.to_out.0", dim, dim, quant, dtype)])
+        self.to_q = runtime_linear(f"{prefix}.to_q", dim, dim, quant, dtype)
+        self.to_k = runtime_linear(f"{prefix}.to_k", dim, dim, quant, dtype)
+        self.to_v = runtime_linear(f"{prefix}.to_v", dim, dim, quant, dtype)
+        self.to_out = nn.ModuleList([runtime_linear(f"{prefix}.to_out.0", dim, dim, quant, dtype)])
         self.norm_q = nn.RMSNorm(dim, eps=eps, dtype=dtype)
         self.norm_k = nn.RMSNorm(dim, eps=eps, dtype=dtype)
 
     def forward(self, x, context=None, rope=None):
         context = x if context is None else context
         # q/k RMSNorm over all heads (diffusers: torch.nn.RMSNorm in the activation dtype)
-        q = self.norm_q(_run_linear(self.to_q, x).to(self.norm_q.weight.dtype))
-        k = self.norm_k(_run_linear(self.to_k, context).to(self.norm_k.weight.dtype))
-        v = _run_linear(self.to_v, context).to(q.dtype)
+        q = self.norm_q(run_linear(self.to_q, x).to(self.norm_q.weight.dtype))
+        k = self.norm_k(run_linear(self.to_k, context).to(self.norm_k.weight.dtype))
+        v = run_linear(self.to_v, context).to(q.dtype)
         q, k, v = (t.unflatten(2, (self.heads, -1)) for t in (q, k, v))
         if rope is not None:
-            q, k = _apply_rope(q, *rope), _apply_rope(k, *rope)
+            q, k = apply_interleaved_rope(q, *rope), apply_interleaved_rope(k, *rope)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         out = out.transpose(1, 2).flatten(2, 3).type_as(q)
-        return _run_linear(self.to_out[0], out)
-
-
-def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Interleaved rotary embedding (pairs 2i, 2i+1), computed in float32."""
-    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    c, s = cos[..., 0::2], sin[..., 1::2]
-    return torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2).type_as(x)
+        return run_linear(self.to_out[0], out)
 
 
 class _FeedForward(nn.Module):
@@ -121,11 +79,11 @@ class _FeedForward(nn.Module):
     def __init__(self, prefix: str, dim: int, inner: int, quant, dtype):
         super().__init__()
         first = nn.Module()
-        first.proj = _linear(f"{prefix}.net.0.proj", dim, inner, quant, dtype)
-        self.net = nn.ModuleList([first, nn.Identity(), _linear(f"{prefix}.net.2", inner, dim, quant, dtype)])
+        first.proj = runtime_linear(f"{prefix}.net.0.proj", dim, inner, quant, dtype)
+        self.net = nn.ModuleList([first, nn.Identity(), runtime_linear(f"{prefix}.net.2", inner, dim, quant, dtype)])
 
     def forward(self, x):
-        return _run_linear(self.net[2], F.gelu(_run_linear(self.net[0].proj, x), approximate="tanh"))
+        return run_linear(self.net[2], F.gelu(run_linear(self.net[0].proj, x), approximate="tanh"))
 
 
 class _Block(nn.Module):
@@ -141,11 +99,11 @@ class _Block(nn.Module):
 
     def forward(self, x, context, temb6, rope):
         shift, scale, gate, c_shift, c_scale, c_gate = (self.scale_shift_table.float() + temb6.float()).chunk(6, 1)
-        h = (_layer_norm(x, self.eps) * (1 + scale) + shift).type_as(x)
+        h = (fp32_layer_norm(x, self.eps) * (1 + scale) + shift).type_as(x)
         x = (x.float() + self.attn1(h, None, rope) * gate).type_as(x)
-        h = _layer_norm(x, self.eps, self.norm2).type_as(x) if self.norm2 is not None else x
+        h = fp32_layer_norm(x, self.eps, self.norm2).type_as(x) if self.norm2 is not None else x
         x = x + self.attn2(h, context).type_as(x)
-        h = (_layer_norm(x, self.eps) * (1 + c_scale) + c_shift).type_as(x)
+        h = (fp32_layer_norm(x, self.eps) * (1 + c_scale) + c_shift).type_as(x)
         return (x.float() + self.ffn(h).float() * c_gate).type_as(x)
 
 
@@ -162,16 +120,11 @@ def _rope_tables(head_dim: int, max_len: int, theta: float = 10000.0) -> Tuple[t
     return torch.cat(cos, dim=1), torch.cat(sin, dim=1)
 
 
-def timestep_sinusoids(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """diffusers Timesteps(flip_sin_to_cos=True, downscale_freq_shift=0): [cos, sin] of t * exp(-ln(P) i / half)."""
-    half = dim // 2
-    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
-    angles = t[:, None].float() * torch.exp(exponent)[None, :]
-    emb = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
-    return F.pad(emb, (0, 1)) if dim % 2 else emb
+class WanRuntimeTransformer(RuntimeTransformer):
+    CLASS_NAME = "WanTransformer3DModel"
+    DTYPE_SOURCE = "patch_embedding.weight"
+    IGNORED_TENSORS = ("rope.freqs_cos", "rope.freqs_sin")   # diffusers' rotary buffers, recomputed here
 
-
-class WanRuntimeTransformer(nn.Module):
     def __init__(self, config: Mapping, quant_config: Optional[QuantizationConfig] = None,
                  dtype: torch.dtype = torch.bfloat16):
         super().__init__()
@@ -182,68 +135,21 @@ class WanRuntimeTransformer(nn.Module):
         self.patch_embedding = nn.Conv3d(cfg.in_channels, dim, cfg.patch_size, cfg.patch_size, dtype=dtype)
         emb = self.condition_embedder = nn.Module()
         emb.time_embedder = nn.Module()
-        emb.time_embedder.linear_1 = _linear("condition_embedder.time_embedder.linear_1", cfg.freq_dim, dim, q, dtype)
-        emb.time_embedder.linear_2 = _linear("condition_embedder.time_embedder.linear_2", dim, dim, q, dtype)
-        emb.time_proj = _linear("condition_embedder.time_proj", dim, 6 * dim, q, dtype)
+        emb.time_embedder.linear_1 = runtime_linear("condition_embedder.time_embedder.linear_1", cfg.freq_dim, dim,
+                                                    q, dtype)
+        emb.time_embedder.linear_2 = runtime_linear("condition_embedder.time_embedder.linear_2", dim, dim, q, dtype)
+        emb.time_proj = runtime_linear("condition_embedder.time_proj", dim, 6 * dim, q, dtype)
         emb.text_embedder = nn.Module()
-        emb.text_embedder.linear_1 = _linear("condition_embedder.text_embedder.linear_1", cfg.text_dim, dim, q, dtype)
-        emb.text_embedder.linear_2 = _linear("condition_embedder.text_embedder.linear_2", dim, dim, q, dtype)
+        emb.text_embedder.linear_1 = runtime_linear("condition_embedder.text_embedder.linear_1", cfg.text_dim, dim,
+                                                    q, dtype)
+        emb.text_embedder.linear_2 = runtime_linear("condition_embedder.text_embedder.linear_2", dim, dim, q, dtype)
         self.blocks = nn.ModuleList([_Block(f"blocks.{i}", cfg, q, dtype) for i in range(cfg.num_layers)])
-        self.proj_out = _linear("proj_out", dim, cfg.out_channels * math.prod(cfg.patch_size), q, dtype)
+        self.proj_out = runtime_linear("proj_out", dim, cfg.out_channels * math.prod(cfg.patch_size), q, dtype)
         self.scale_shift_table = nn.Parameter(torch.zeros(1, 2, dim, dtype=dtype))
         cos, sin = _rope_tables(cfg.attention_head_dim, cfg.rope_max_seq_len)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        expected = {n for n, m in self.named_modules() if isinstance(m, QuantizedLinear)}
-        if q is not None and set(q.module_shapes) - expected:
-            raise ValueError(f"the export quantizes modules this model does not have: "
-                             f"{sorted(set(q.module_shapes) - expected)[:5]}")
-
-    # ------------------------------------------------------------------ loading
-    @classmethod
-    def from_export(cls, folder: os.PathLike, device: torch.device | str = "cpu") -> "WanRuntimeTransformer":
-        export = load_export(folder)
-        model = cls(export.transformer_config, export.quant_config)
-        for name, module in model.named_modules():
-            if isinstance(module, QuantizedLinear):
-                module.load_export(export.linears[name])
-        model.load_plain_tensors(export.tensors)
-        return model.to(device)
-
-    @classmethod
-    def from_state_dict(cls, config: Mapping, state_dict: Mapping[str, torch.Tensor],
-                        dtype: torch.dtype = torch.bfloat16) -> "WanRuntimeTransformer":
-        """The unquantized model from a diffusers state dict (every linear bf16 / ``dtype``)."""
-        model = cls(config, None, dtype)
-        model.load_plain_tensors(state_dict)
-        return model
-
-    def load_plain_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Every non-quantized parameter, by diffusers name; missing or unexpected names raise."""
-        own: Dict[str, torch.Tensor] = {k: v for k, v in self.state_dict().items()
-                                        if not isinstance(self.get_submodule(k.rpartition(".")[0]), QuantizedLinear)}
-        missing = sorted(set(own) - set(tensors))
-        unexpected = sorted(set(tensors) - set(own) - {"rope.freqs_cos", "rope.freqs_sin"})
-        if missing or unexpected:
-            raise ValueError(f"tensors do not match the Wan model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        with torch.no_grad():
-            for name, dst in own.items():
-                src = tensors[name]
-                if tuple(src.shape) != tuple(dst.shape):
-                    raise ValueError(f"{name}: shape {list(src.shape)} != model {list(dst.shape)}")
-                dst.copy_(src)
-
-    # ------------------------------------------------------------------ what pipelines read
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.patch_embedding.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.patch_embedding.weight.device
-
-    def cache_context(self, name: str, **kwargs):
-        return contextlib.nullcontext()
+        self.check_quantized_modules()
 
     # ------------------------------------------------------------------ forward
     def _rope(self, frames: int, height: int, width: int):
@@ -274,23 +180,22 @@ class WanRuntimeTransformer(nn.Module):
         if timestep.numel() != batch:
             raise ValueError(f"timestep must hold one value per sample (got {timestep.numel()} for {batch}); "
                              "per-token timesteps (Wan 2.2) are not supported")
-        num_groups = self.quant_config.num_timestep_groups if self.quant_config is not None else 1
-        groups = codes.timestep_group(timestep.detach().cpu(), num_groups)
+        groups = codes.timestep_group(timestep.detach().cpu(), self.timestep_group_count())
 
         with timestep_groups(groups.to(hidden_states.device)):
             rope = self._rope(f, h, w)
             x = self.patch_embedding(hidden_states.to(self.dtype)).flatten(2).transpose(1, 2).contiguous()
             emb = self.condition_embedder
-            temb = _run_linear(emb.time_embedder.linear_2, F.silu(_run_linear(
+            temb = run_linear(emb.time_embedder.linear_2, F.silu(run_linear(
                 emb.time_embedder.linear_1, timestep_sinusoids(timestep, cfg.freq_dim)))).type_as(x)
-            temb6 = _run_linear(emb.time_proj, F.silu(temb)).unflatten(1, (6, -1))
-            context = _run_linear(emb.text_embedder.linear_2, F.gelu(_run_linear(
+            temb6 = run_linear(emb.time_proj, F.silu(temb)).unflatten(1, (6, -1))
+            context = run_linear(emb.text_embedder.linear_2, F.gelu(run_linear(
                 emb.text_embedder.linear_1, encoder_hidden_states.to(self.dtype)), approximate="tanh")).type_as(x)
             for block in self.blocks:
                 x = block(x, context, temb6, rope)
             shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)   # in the model dtype
-            x = (_layer_norm(x, cfg.eps) * (1 + scale) + shift).type_as(x)
-            x = _run_linear(self.proj_out, x).type_as(x)
+            x = (fp32_layer_norm(x, cfg.eps) * (1 + scale) + shift).type_as(x)
+            x = run_linear(self.proj_out, x).type_as(x)
 
         x = x.reshape(batch, f, h, w, p_t, p_h, p_w, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
         out = x.flatten(6, 7).flatten(4, 5).flatten(2, 3)
