@@ -4,8 +4,8 @@
 
 The folder (packed integer weight codes, scales, zero points, activation clip factors per timestep group,
 the rest in bf16, config.json, quantization_config.json) loads with
-``qvgen_kernels.wan_model.WanRuntimeTransformer.from_export(DST)``, which needs neither megatron nor this
-training code. ``--src`` is a run's checkpoint directory (its latest checkpoint) or one ``iter_*`` folder.
+``qvgen_kernels.runtime.load_transformer(DST, device)`` (Wan or CogVideoX, from config.json), which needs
+neither megatron nor this training code. ``--src`` is a run's checkpoint directory (its latest checkpoint) or one ``iter_*`` folder.
 """
 import argparse
 import sys
