@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from megatron_qvgen.convert.to_inference import export_inference
+from export_checks import compare_codes, load_student, runtime_outputs, student_outputs
 from multiproc import run_distributed
 from numerics import max_rel_diff
 from test_train_cogvideox import tiny_cogvideox_cfg
 from test_trainer import _save_teacher, _train
-from qvgen_kernels import codes
 from qvgen_kernels.format import load_export
 
 STYLES = {"2b_w4a4": (dict(), 4), "5b_w3a3": (dict(use_rotary_positional_embeddings=True, attention_bias=False), 3)}
@@ -30,54 +30,18 @@ def _cfg(root, style):
 
 
 def _student_and_runtime(rank, world, cfg, ckpt, export_dir):
-    from megatron_qvgen.dist_ckpt import load_sharded
-    from megatron_qvgen.models import build_model_chunks
-    from megatron_qvgen.parallel import initialize_parallel
-    from megatron_qvgen.quant import quant_context, quant_linears
-    from megatron_qvgen.quant.rank_decay import RankDecay, RankDecaySchedule
-    from megatron_qvgen.training.checkpointing import holds_aux_factors
     from qvgen_kernels.cogvideox_model import CogVideoXRuntimeTransformer
 
-    initialize_parallel(cfg.parallel, seed=0)
-    student = build_model_chunks(cfg.model, cfg.parallel, spec="qat", quant=cfg.quant)[0]
-    RankDecay(student, RankDecaySchedule(cfg.quant, cfg.decay_phase_steps)).restore(holds_aux_factors(ckpt))
-    student.load_state_dict(load_sharded({"model": student.sharded_state_dict()}, ckpt)["model"])
+    student = load_student(cfg, ckpt)
     gen = torch.Generator().manual_seed(3)
     latents = torch.randn(2, 2, 4, 8, 12, generator=gen)      # (B, F, C, H, W), another aspect than training's
     timestep = torch.tensor([913, 87])
     text = torch.randn(2, 8, 16, generator=gen)
-    with torch.no_grad(), quant_context(aux_gate=1.0):
-        y_student = student(latents, timestep, text)
-        # the export stores every unquantised tensor (and the biases) in bf16: the same model with those rounded
-        quant_params = {id(p) for l in quant_linears(student) for n, p in l.named_parameters() if n != "bias"}
-        for p in student.parameters():
-            if id(p) not in quant_params:
-                p.copy_(p.bfloat16().float())
-        y_student_bf16_tensors = student(latents, timestep, text)
+    y_student, y_student_bf16 = student_outputs(student, latents, timestep, text)
     runtime = CogVideoXRuntimeTransformer.from_export(export_dir)
-    with torch.no_grad():
-        y_runtime = runtime(latents, text, timestep, return_dict=False)[0].float()
-        y_runtime_fp32 = runtime.float()(latents, text, timestep, return_dict=False)[0]
-    # per linear: the exported weight codes and the runtime's activation codes equal the fake quantizer's
-    export = load_export(export_dir)
-    same_weight, same_act, checked = True, True, 0
-    q = cfg.quant
-    for layer in quant_linears(student):
-        ex = export.linears[layer.quant_name]
-        w_codes = codes.weight_codes(layer.weight, layer.weight_quantizer.scale.float(),
-                                     layer.weight_quantizer.zero_point.float(), q.weight_bits)
-        same_weight &= torch.equal(codes.unpack_codes(ex.weight_codes, ex.in_features).float(), w_codes)
-        x = torch.randn(5, 2, ex.in_features, generator=gen) * 3          # megatron's [s, b, h]
-        groups = torch.tensor([17, 42])
-        a_lo, a_hi = layer.act_quantizer.clip_factors(groups)
-        lo, hi = codes.act_clip_range(x, q.act_clip_ratio, a_lo, a_hi)
-        s, z = codes.act_qparams(lo, hi, q.act_bits)
-        rt = runtime.get_submodule(layer.quant_name)
-        act = rt.quantize_input(x.transpose(0, 1).reshape(-1, ex.in_features), groups, 5, use_triton=False)
-        fake = codes.act_codes(x, s, z, q.act_bits)
-        same_act &= torch.equal(act.codes.float().reshape(2, 5, -1).transpose(0, 1), fake)
-        checked += 1
-    return {"student": y_student, "student_bf16_tensors": y_student_bf16_tensors, "runtime": y_runtime,
+    y_runtime, y_runtime_fp32 = runtime_outputs(runtime, latents, text, timestep)   # diffusers' argument order
+    same_weight, same_act, checked = compare_codes(student, runtime, export_dir, cfg.quant, gen)
+    return {"student": y_student, "student_bf16_tensors": y_student_bf16, "runtime": y_runtime,
             "runtime_fp32": y_runtime_fp32, "same_weight": torch.tensor(same_weight),
             "same_act": torch.tensor(same_act), "checked": torch.tensor(checked)}
 
