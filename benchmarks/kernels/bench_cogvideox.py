@@ -16,10 +16,8 @@ import time
 
 import torch
 
-from bench_wan import DEVICE, breakdown, sync
+from bench_wan import DEVICE, compare_forward
 from qvgen_kernels.cogvideox_model import CogVideoXRuntimeTransformer
-from qvgen_kernels.format import QuantizationConfig
-from qvgen_kernels.linear import QuantizedLinear
 
 COGVIDEOX = {
     "2b": dict(num_attention_heads=30, attention_head_dim=64, num_layers=30),
@@ -32,64 +30,14 @@ TINY = dict(num_attention_heads=2, attention_head_dim=32, num_layers=2, time_emb
 
 
 @torch.no_grad()
-def build(model_cls, cfg: dict, quantized: bool):
-    """A runtime model with random weights; the quantized one gets random packed codes, scales and zero points."""
-    torch.manual_seed(0)
-    plain = model_cls(cfg, None).to(DEVICE)
-    for p in plain.parameters():
-        p.normal_(0, 0.02)
-    if not quantized:
-        return plain
-    shapes = {n: (m.out_features, m.in_features) for n, m in plain.named_modules() if isinstance(m, torch.nn.Linear)}
-    quant = QuantizationConfig(weight_bits=4, act_bits=4, act_clip_ratio=0.95, num_timestep_groups=50,
-                               module_shapes=shapes)
-    model = model_cls(cfg, quant).to(DEVICE)
-    for m in model.modules():
-        if isinstance(m, QuantizedLinear):
-            m.weight_codes.copy_(torch.randint(0, 256, m.weight_codes.shape, dtype=torch.uint8, device=DEVICE))
-            m.weight_scale.copy_(torch.rand_like(m.weight_scale) * 0.02 / 7.5 + 1e-4)
-            m.weight_zero.copy_(7.5 + torch.randn_like(m.weight_zero) * 0.3)
-            m.act_clip_lower.fill_(0.9)
-            m.act_clip_upper.fill_(0.9)
-            if m.bias is not None:
-                m.bias.normal_(0, 0.02)
-            m.refresh_derived()
-    model.load_plain_tensors({k: v for k, v in plain.state_dict().items() if k.rpartition(".")[0] not in shapes})
-    return model
-
-
 def bench_forward(name: str, cfg: dict, out: dict):
-    res = {}
     gen = torch.Generator(device=DEVICE).manual_seed(2)
     latents = torch.randn(1, *LATENT, device=DEVICE, generator=gen).to(torch.bfloat16)
     text = torch.randn(1, TEXT_TOKENS, TEXT_DIM, device=DEVICE, generator=gen).to(torch.bfloat16)
     t = torch.tensor([937], device=DEVICE)
-    for quantized in (False, True):
-        model = build(CogVideoXRuntimeTransformer, cfg, quantized)
-
-        def run():
-            with torch.no_grad():
-                return model(latents, text, t, return_dict=False)[0]
-        y = run()
-        assert y.shape == latents.shape and torch.isfinite(y).all()
-        key = "w4a4" if quantized else "bf16"
-        times = []
-        for _ in range(3):
-            sync()
-            t0 = time.perf_counter()
-            run()
-            sync()
-            times.append((time.perf_counter() - t0) * 1e3)
-        res[f"{key}_ms"] = sorted(times)[1]
-        res[f"{key}_breakdown_ms"] = breakdown(run)
-        res[f"{key}_weight_bytes"] = sum(b.numel() * b.element_size() for b in model.buffers()) + \
-            sum(p.numel() * p.element_size() for p in model.parameters())
-        model = None
-        if DEVICE == "cuda":
-            torch.cuda.empty_cache()
-    res["speedup"] = res["bf16_ms"] / res["w4a4_ms"]
-    res["weight_bytes_ratio"] = res["w4a4_weight_bytes"] / res["bf16_weight_bytes"]
-    out[f"cogvideox{name}_forward"] = res
+    out[f"cogvideox{name}_forward"] = compare_forward(CogVideoXRuntimeTransformer, cfg,
+                                                      lambda m: m(latents, text, t, return_dict=False)[0],
+                                                      latents.shape)
 
 
 def main():

@@ -43,9 +43,10 @@ def sync():
 
 
 @torch.no_grad()
-def build(cfg: dict, quantized: bool) -> WanRuntimeTransformer:
+def build(model_cls, cfg: dict, quantized: bool):
+    """A runtime model with random weights; the quantized one gets random packed codes, scales and zero points."""
     torch.manual_seed(0)
-    plain = WanRuntimeTransformer(cfg, None).to(DEVICE)
+    plain = model_cls(cfg, None).to(DEVICE)
     for p in plain.parameters():
         p.normal_(0, 0.02)
     if not quantized:
@@ -53,19 +54,50 @@ def build(cfg: dict, quantized: bool) -> WanRuntimeTransformer:
     shapes = {n: (m.out_features, m.in_features) for n, m in plain.named_modules() if isinstance(m, torch.nn.Linear)}
     quant = QuantizationConfig(weight_bits=4, act_bits=4, act_clip_ratio=0.95, num_timestep_groups=50,
                                module_shapes=shapes)
-    model = WanRuntimeTransformer(cfg, quant).to(DEVICE)
-    for name, m in model.named_modules():
+    model = model_cls(cfg, quant).to(DEVICE)
+    for m in model.modules():
         if isinstance(m, QuantizedLinear):
             m.weight_codes.copy_(torch.randint(0, 256, m.weight_codes.shape, dtype=torch.uint8, device=DEVICE))
             m.weight_scale.copy_(torch.rand_like(m.weight_scale) * 0.02 / 7.5 + 1e-4)
             m.weight_zero.copy_(7.5 + torch.randn_like(m.weight_zero) * 0.3)
             m.act_clip_lower.fill_(0.9)
             m.act_clip_upper.fill_(0.9)
-            m.bias.normal_(0, 0.02)
+            if m.bias is not None:
+                m.bias.normal_(0, 0.02)
             m.refresh_derived()
-    model.load_plain_tensors({k: v for k, v in plain.state_dict().items()
-                              if not k.rpartition(".")[0] in shapes})
+    model.load_plain_tensors({k: v for k, v in plain.state_dict().items() if k.rpartition(".")[0] not in shapes})
     return model
+
+
+def compare_forward(model_cls, cfg: dict, call, expected_shape) -> dict:
+    """bf16 vs W4A4 runtime forward of one model: median of 3 times, kernel breakdown, weight bytes."""
+    res = {}
+    for quantized in (False, True):
+        model = build(model_cls, cfg, quantized)
+
+        def run():
+            with torch.no_grad():
+                return call(model)
+        y = run()
+        assert y.shape == expected_shape and torch.isfinite(y).all()
+        key = "w4a4" if quantized else "bf16"
+        times = []
+        for _ in range(3):
+            sync()
+            t0 = time.perf_counter()
+            run()
+            sync()
+            times.append((time.perf_counter() - t0) * 1e3)
+        res[f"{key}_ms"] = sorted(times)[1]
+        res[f"{key}_breakdown_ms"] = breakdown(run)
+        res[f"{key}_weight_bytes"] = sum(b.numel() * b.element_size() for b in model.buffers()) + \
+            sum(p.numel() * p.element_size() for p in model.parameters())
+        model = None
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+    res["speedup"] = res["bf16_ms"] / res["w4a4_ms"]
+    res["weight_bytes_ratio"] = res["w4a4_weight_bytes"] / res["bf16_weight_bytes"]
+    return res
 
 
 def family(kernel: str) -> str:
@@ -104,7 +136,7 @@ def bench_block(out: dict):
     f, h, w = LATENT[0], LATENT[1] // 2, LATENT[2] // 2
     res = {}
     for quantized in (False, True):
-        model = build(WAN_14B_ONE_BLOCK, quantized)
+        model = build(WanRuntimeTransformer, WAN_14B_ONE_BLOCK, quantized)
         dim = WAN_14B_ONE_BLOCK["num_attention_heads"] * WAN_14B_ONE_BLOCK["attention_head_dim"]
         gen = torch.Generator(device=DEVICE).manual_seed(1)
         x = torch.randn(1, f * h * w, dim, device=DEVICE, generator=gen).to(torch.bfloat16)
@@ -129,37 +161,12 @@ def bench_block(out: dict):
 
 
 def bench_forward(out: dict):
-    res = {}
     gen = torch.Generator(device=DEVICE).manual_seed(2)
     latents = torch.randn(1, 16, *LATENT, device=DEVICE, generator=gen).to(torch.bfloat16)
     text = torch.randn(1, TEXT_TOKENS, 4096, device=DEVICE, generator=gen).to(torch.bfloat16)
     t = torch.tensor([937.0], device=DEVICE)
-    for quantized in (False, True):
-        model = build(WAN_1_3B, quantized)
-
-        def run():
-            with torch.no_grad():
-                return model(latents, t, text, return_dict=False)[0]
-        y = run()
-        assert y.shape == latents.shape and torch.isfinite(y).all()
-        key = "w4a4" if quantized else "bf16"
-        times = []
-        for _ in range(3):
-            sync()
-            t0 = time.perf_counter()
-            run()
-            sync()
-            times.append((time.perf_counter() - t0) * 1e3)
-        res[f"{key}_ms"] = sorted(times)[1]
-        res[f"{key}_breakdown_ms"] = breakdown(run)
-        res[f"{key}_weight_bytes"] = sum(b.numel() * b.element_size() for b in model.buffers()) + \
-            sum(p.numel() * p.element_size() for p in model.parameters())
-        model = None
-        if DEVICE == "cuda":
-            torch.cuda.empty_cache()
-    res["speedup"] = res["bf16_ms"] / res["w4a4_ms"]
-    res["weight_bytes_ratio"] = res["w4a4_weight_bytes"] / res["bf16_weight_bytes"]
-    out["wan1.3b_forward"] = res
+    out["wan1.3b_forward"] = compare_forward(WanRuntimeTransformer, WAN_1_3B,
+                                             lambda m: m(latents, t, text, return_dict=False)[0], latents.shape)
 
 
 def main():
