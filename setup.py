@@ -2,11 +2,13 @@
 
 Two import packages ship from this distribution:
   megatron_qvgen   the training library (needs megatron-core)
-  qvgen_kernels    the standalone inference runtime in kernels/ (torch + triton + safetensors only)
+  qvgen_kernels    the standalone inference runtime in kernels/qvgen_kernels/ (torch + triton + safetensors only)
+
+kernels/ itself has no __init__.py on purpose: with the repo root on sys.path (`python -m pytest`), a top-level
+package named `kernels` would shadow PyPI's `kernels` distribution (which transformers imports).
 """
 from setuptools import find_packages, setup
 
-kernel_subpackages = ["qvgen_kernels." + p for p in find_packages("kernels")]
 
 setup(
     name="megatron-qvgen",
@@ -14,9 +16,8 @@ setup(
     description="QVGen W4A4/W3A3 quantization-aware training for Wan 2.1 and CogVideoX on megatron-core",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_qvgen", "megatron_qvgen.*"])
-    + ["qvgen_kernels"]
-    + kernel_subpackages,
-    package_dir={"qvgen_kernels": "kernels"},
+    + find_packages("kernels", include=["qvgen_kernels", "qvgen_kernels.*"]),
+    package_dir={"qvgen_kernels": "kernels/qvgen_kernels"},
     install_requires=[
         "torch>=2.4",
         # Pinned exactly: the CPU shim patches private megatron names (tests check they exist).

@@ -3,8 +3,7 @@
 # Usage (device tool, repo root): BUDGET=300 bash benchmarks/kernels/run_h100.sh
 set -o pipefail
 export PYTHONUNBUFFERED=1
-rm -rf /tmp/qk && mkdir -p /tmp/qk && cp -r kernels /tmp/qk/qvgen_kernels
-export PYTHONPATH=/tmp/qk:$PWD
+export PYTHONPATH=$PWD/kernels:$PWD
 if [ -f .cache/triton_cache.tgz ]; then mkdir -p ~/.triton && tar xzf .cache/triton_cache.tgz -C ~/.triton; fi
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem,power.draw,temperature.gpu --format=csv | tee $OUT/env.txt
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a $OUT/env.txt

@@ -3,12 +3,11 @@
 # Run from the repository root on the GPU machine with .whl/ carried (megatron-core, and pytest if absent).
 set -o pipefail
 OUT=${OUT:-/tmp/qat_out}
-mkdir -p "$OUT" /tmp/qk
+mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/megatron_core-*.whl || exit 1
 python3 -c "import pytest" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
     --target /tmp/site .whl/pytest-*.whl .whl/pluggy-*.whl .whl/iniconfig-*.whl
-cp -r kernels /tmp/qk/qvgen_kernels
-export PYTHONPATH=/tmp/site:$PWD:/tmp/qk PYTHONUNBUFFERED=1 CUDA_DEVICE_MAX_CONNECTIONS=1
+export PYTHONPATH=/tmp/site:$PWD:$PWD/kernels PYTHONUNBUFFERED=1 CUDA_DEVICE_MAX_CONNECTIONS=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/device.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
 QVGEN_FUSED_AUTOTUNE=0 timeout "${TEST_TIMEOUT:-120}" python3 -m pytest tests/test_fused_fake_quant.py -m gpu -q --maxfail=5 -p no:cacheprovider 2>&1 \

@@ -1,9 +1,8 @@
 # Sourced at the start of a device run: carried wheels (megatron-core, diffusers) into /tmp/site and our two
-# import packages on PYTHONPATH (qvgen_kernels lives in the folder kernels/). The GPU image has torch/triton.
+# import packages on PYTHONPATH (qvgen_kernels lives in kernels/qvgen_kernels/). The GPU image has torch/triton.
 set -e
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/megatron_core-*.whl .whl/diffusers-*.whl .whl/importlib_metadata-*.whl .whl/braceexpand-*.whl
-mkdir -p /tmp/qk && rm -rf /tmp/qk/qvgen_kernels && cp -r kernels /tmp/qk/qvgen_kernels
-export PYTHONPATH=/tmp/site:/tmp/qk:$PWD
+export PYTHONPATH=/tmp/site:$PWD/kernels:$PWD
 export CUDA_DEVICE_MAX_CONNECTIONS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4 QVGEN_FUSED_AUTOTUNE=0  # fixed kernel configs: no autotuning minutes in a short lease
 set +e
