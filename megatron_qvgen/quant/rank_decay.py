@@ -6,9 +6,9 @@ is unchanged) so that the next phase decays the weakest singular directions. At 
 deleted and the layer costs one quantised matmul.
 
 The optimizer owns the master copies of L and R, so every boundary goes through an
-:class:`OptimizerAdapter`: the re-factorisation is computed from the optimizer's (fp32) main parameters
-where it has them, applied in place to both main and model parameters, and the moments of L and R are
-reset (Adam moments of the old factors do not transform into moments of the new ones). L and R keep
+:class:`OptimizerAdapter`: the re-factorisation is computed from the optimizer's whole (fp32) main
+parameters (gathered where a distributed optimizer shards them), written in place to both main and model
+parameters, and the moments of L and R are reset (Adam moments of the old factors do not transform into moments of the new ones). L and R keep
 their r0-wide storage until rank 0 (the layer's ``aux_active_rank`` buffer says how much is live), so
 megatron's DDP buffers and the checkpoint layout never change mid-run.
 """
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable, List, Optional, Sequence, Union
+from typing import Iterable, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -72,15 +72,17 @@ class RankDecaySchedule:
 class OptimizerAdapter:
     """How rank decay reaches the optimizer's copies of L and R. Subclass per optimizer family.
 
-    The factors keep their r0-wide storage while decaying (only rank 0 removes them), so updates are in
-    place: the same function is applied to the model parameter and to its master copy."""
+    The factors keep their r0-wide storage while decaying (only rank 0 removes them), so a boundary
+    reads the whole master copy, computes the new factors from it and writes them back in place: into
+    the master copy and, rounded, into the model parameter. Both methods may be collectives (a sharded
+    optimizer gathers the master copy): every rank calls them for the same parameters in the same order."""
 
-    def full_master(self, param: nn.Parameter) -> Optional[torch.Tensor]:
-        """The whole master (e.g. fp32) copy of ``param`` if this optimizer has one at hand, else None."""
-        return None
+    def full_master(self, param: nn.Parameter) -> torch.Tensor:
+        """The whole master copy of ``param``: the most precise one the optimizer has (e.g. fp32)."""
+        raise NotImplementedError
 
-    def update(self, param: nn.Parameter, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Replace ``param`` and its master copy by ``fn`` of themselves; the moments start afresh."""
+    def replace(self, param: nn.Parameter, whole: torch.Tensor) -> None:
+        """Make ``whole`` the master copy of ``param`` and, rounded, ``param`` itself; moments start afresh."""
         raise NotImplementedError
 
     def remove(self, params: Sequence[nn.Parameter]) -> None:
@@ -91,26 +93,25 @@ class OptimizerAdapter:
 class NoOptimizer(OptimizerAdapter):
     """Models without an optimizer (evaluation, conversion, tests)."""
 
-    def update(self, param, fn):
+    def full_master(self, param):
+        return param.detach()
+
+    def replace(self, param, whole):
         with torch.no_grad():
-            param.copy_(fn(param.detach()))
+            param.copy_(whole)
 
     def remove(self, params):
         pass
 
 
-class TorchOptimizerAdapter(OptimizerAdapter):
-    """A ``torch.optim`` optimizer over the model's own (fp32) parameters: they are the masters."""
+class TorchOptimizerAdapter(NoOptimizer):
+    """A ``torch.optim`` optimizer over the model's own parameters: they are the masters."""
 
     def __init__(self, optimizer: torch.optim.Optimizer):
         self.optimizer = optimizer
 
-    def full_master(self, param):
-        return param.detach()
-
-    def update(self, param, fn):
-        with torch.no_grad():
-            param.copy_(fn(param.detach()))
+    def replace(self, param, whole):
+        super().replace(param, whole)
         reset_moments(self.optimizer.state.get(param))
 
     def remove(self, params):
@@ -156,15 +157,13 @@ def decay_layer(layer: nn.Module, new_rank: int, adapter: OptimizerAdapter) -> N
         adapter.remove([layer.aux_L, layer.aux_R])
         layer.remove_aux()
         return
-    # The transforms come from the most precise copy at hand; applied to any copy they keep L R exact.
+    # From the master copies (fp32 main params), never from a rounded model copy: L R stays exact.
     src_l = adapter.full_master(layer.aux_L)
     src_r = adapter.full_master(layer.aux_R)
-    src_l = layer.aux_L.detach() if src_l is None else src_l
-    src_r = layer.aux_R.detach() if src_r is None else src_r
     t_l, t_r = refactor_transforms(src_l[:, :new_rank], src_r[:new_rank], l_sharded=layer._rows_split,
                                    group=layer._tp_group_if_split)
-    adapter.update(layer.aux_L, lambda full: _refactored(full, t_l, new_rank, left=True))
-    adapter.update(layer.aux_R, lambda full: _refactored(full, t_r, new_rank, left=False))
+    adapter.replace(layer.aux_L, _refactored(src_l, t_l, new_rank, left=True))
+    adapter.replace(layer.aux_R, _refactored(src_r, t_r, new_rank, left=False))
     layer.set_active_rank(new_rank)
 
 

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_qvgen.dist_ckpt import CheckpointError, is_complete, load_common, load_sharded, save_sharded
+from megatron_qvgen.training.optimizer_checkpoint import load_optimizer_state, optimizer_sharded_state
 
 LATEST = "latest"
 
@@ -117,7 +118,7 @@ def save_checkpoint(save_dir: str, step: int, chunks, optimizer, scheduler, comm
     state = _model_state(chunks)
     if model_cfg is not None:
         state.update(content_metadata(model_cfg))
-    state["optimizer"] = optimizer.sharded_state_dict(_model_sharded_union(state))
+    state["optimizer"] = optimizer_sharded_state(optimizer, _model_sharded_union(state))
     state["rng_state"] = _rng_object(is_loading=False)
     state["scheduler"] = scheduler.state_dict()
     state["step"] = step
@@ -149,13 +150,13 @@ def load_checkpoint(path: str, chunks, optimizer, scheduler) -> Dict[str, Any]:
     common = read_common(path)
     same_layout = tuple(common.get("layout", ())) == _layout()
     request = _model_state(chunks)
-    request["optimizer"] = optimizer.sharded_state_dict(_model_sharded_union(request), is_loading=True)
+    request["optimizer"] = optimizer_sharded_state(optimizer, _model_sharded_union(request), is_loading=True)
     if same_layout:
         request["rng_state"] = _rng_object(is_loading=True)
     loaded = load_sharded(request, path)
     for key, chunk in zip(sorted(k for k in loaded if k.startswith("model")), chunks):
         _raw(chunk).load_state_dict(loaded[key])
-    optimizer.load_state_dict(loaded["optimizer"])
+    load_optimizer_state(optimizer, loaded["optimizer"])
     scheduler.load_state_dict(common["scheduler"])
     if same_layout and "rng_state" in loaded:
         _restore_rng(loaded["rng_state"])

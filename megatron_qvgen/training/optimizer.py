@@ -10,13 +10,15 @@ over the remaining parameters, carrying every surviving parameter's main copy an
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence
 
 import torch
 from torch import nn
 
 from megatron_qvgen.config import ExperimentConfig
-from megatron_qvgen.quant.rank_decay import OptimizerAdapter, reset_moments
+from megatron_qvgen.quant.rank_decay import OptimizerAdapter
+from megatron_qvgen.training.main_params import (MOMENTS, MainCopy, agreed_adam_step, continue_group_steps, locate,
+                                                 sub_optimizers)
 
 CLIP_LOGIT_PATTERN = "*act_quantizer.clip_*"
 AUX_PATTERNS = ("*aux_L", "*aux_R")
@@ -93,10 +95,6 @@ def build_optimization(raw_chunks: Sequence[nn.Module], cfg: ExperimentConfig) -
     return Optimization(chunks=chunks, optimizer=optimizer, scheduler=scheduler)
 
 
-def sub_optimizers(optimizer) -> List:
-    return list(getattr(optimizer, "chained_optimizers", None) or [optimizer])
-
-
 def lrs_by_group(optimizer, cfg: ExperimentConfig) -> Dict[str, float]:
     """Current learning rate of the weights, the auxiliary factors and the activation clip logits."""
     t = cfg.train
@@ -118,89 +116,61 @@ def lrs_by_group(optimizer, cfg: ExperimentConfig) -> Dict[str, float]:
 
 # ---------------------------------------------------------------------------------------------- rank decay
 class MegatronOptimizerAdapter(OptimizerAdapter):
-    """Rank decay's access to megatron's main (fp32) copies and Adam moments.
+    """Rank decay's access to megatron's main (fp32) copies and Adam moments, on every optimizer kind.
 
-    Float16 (bf16 params) and FP32 optimizers hold whole main tensors: the re-factorisation is computed
-    from them. The distributed optimizer holds a flat shard of each main tensor: the new factors are
-    computed from the model parameter and each rank writes its shard. Removal (rank 0) is recorded and
-    carried out by :func:`rebuild_without` once the schedule step is done.
+    The re-factorisation is computed from the whole main copy: held whole by the Float16 / FP32
+    optimizers, gathered from its DP pieces (a collective; L and R are small) with the distributed
+    optimizer. The result is written to every rank's main piece and, rounded, to the model copy; each
+    rank zeroes its piece of the moments. Removal (rank 0) is recorded and carried out by
+    :func:`rebuild_without` once the schedule step is done.
     """
 
     def __init__(self, optimizer):
         self.optimizer = optimizer
         self.removed: List[nn.Parameter] = []
 
-    def _locate(self, param) -> Tuple[Optional[object], Optional[torch.Tensor], Optional[slice]]:
-        """(torch optimizer holding the main copy, main tensor, flat slice of the param it covers)."""
-        for sub in sub_optimizers(self.optimizer):
-            if hasattr(sub, "shard_fp32_from_float16_groups"):  # distributed optimizer
-                pairs = [(sub.model_float16_groups, sub.shard_fp32_from_float16_groups),
-                         (sub.model_fp32_groups, sub.shard_fp32_groups)]
-                for model_groups, main_groups in pairs:
-                    for mg, sg in zip(model_groups, main_groups):
-                        for p, main in zip(mg, sg):
-                            if p is param:
-                                r = sub._get_model_param_range_map(p)["param"]
-                                return sub.optimizer, main, slice(r.start, r.end)
-            elif hasattr(sub, "float16_groups"):
-                for mg, sg in zip(sub.float16_groups, sub.fp32_from_float16_groups):
-                    for p, main in zip(mg, sg):
-                        if p is param:
-                            return sub.optimizer, main, None
-                for group in sub.fp32_from_fp32_groups:
-                    for p in group:
-                        if p is param:
-                            return sub.optimizer, p, None
-            else:
-                for group in sub.param_groups:
-                    for p in group["params"]:
-                        if p is param:
-                            return sub.optimizer, p, None
-        return None, None, None
+    def _main_copy(self, param) -> MainCopy:
+        found = locate(self.optimizer, param)
+        if found is None:
+            raise KeyError(f"rank decay: a parameter of shape {tuple(param.shape)} is not managed by the optimizer")
+        return found
 
     def full_master(self, param):
-        _, main, flat = self._locate(param)
-        return main.detach() if main is not None and flat is None else None
+        """Collective over the data-parallel group with the distributed optimizer."""
+        return self._main_copy(param).gather()["param"]
 
-    @torch.no_grad()
-    def update(self, param, fn):
-        inner, main, flat = self._locate(param)
-        if main is None:
-            raise KeyError("rank decay: parameter is not managed by the optimizer")
-        if flat is None:
-            new = fn(main.detach().float())
-            main.copy_(new)
-        else:
-            new = fn(param.detach().float())
-            main.copy_(new.reshape(-1)[flat].to(main.dtype))
-        if main is not param:
-            param.copy_(new.to(param.dtype))
-        reset_moments(inner.state.get(main))
+    def replace(self, param, whole):
+        copy = self._main_copy(param)
+        copy.write_param(whole)
+        copy.reset_moments()
 
     def remove(self, params):
         self.removed.extend(params)
 
 
 def carry_state(old_chunks, old_optimizer, new_chunks, new_optimizer) -> int:
-    """Copy every surviving parameter's main copy and Adam moments from the old optimizer into the new.
+    """Copy every surviving parameter's main copy and Adam moments (and step count) from the old optimizer
+    into the new one. With the distributed optimizer the DP pieces change when parameters leave the
+    buckets, so each tensor is gathered whole from the old pieces and re-sliced into the new ones.
 
-    Parameters are matched by name (the raw modules are the same objects); returns how many moved."""
-    old_adapter, new_adapter = MegatronOptimizerAdapter(old_optimizer), MegatronOptimizerAdapter(new_optimizer)
+    Collective; parameters are matched by name (the raw modules are the same objects); returns how many
+    moved."""
     old_named = dict(_named_raw(old_chunks))
+    step = agreed_adam_step(old_optimizer)
+    moments = MOMENTS if step is not None else ()
     moved = 0
-    with torch.no_grad():
-        for name, param in _named_raw(new_chunks):
-            if old_named.get(name) is not param:
-                continue
-            old_inner, old_main, old_flat = old_adapter._locate(param)
-            new_inner, new_main, new_flat = new_adapter._locate(param)
-            if old_main is None or new_main is None or (old_flat is None) != (new_flat is None):
-                continue
-            new_main.copy_(old_main)
-            state = old_inner.state.get(old_main)
-            if state:
-                new_inner.state[new_main] = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in state.items()}
-            moved += 1
+    for name, param in _named_raw(new_chunks):
+        if old_named.get(name) is not param:
+            continue
+        old, new = locate(old_optimizer, param), locate(new_optimizer, param)
+        if old is None or new is None:
+            continue
+        whole = old.gather(moments)
+        new.write_param(whole["param"])
+        if step is not None:
+            new.write_state(whole, step)
+        moved += 1
+    continue_group_steps(new_optimizer, step)
     return moved
 
 
