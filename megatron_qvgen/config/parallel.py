@@ -15,8 +15,8 @@ class ParallelConfig:
     virtual_pipeline: Optional[int] = None
     # Shard the token dimension between TP ranks outside the linears (needs tensor_parallel > 1).
     sequence_parallel: bool = False
-    # megatron's distributed optimizer (ZeRO-1 over data-parallel ranks). GPU only: its checkpoint does
-    # not load on CPU with megatron-core 0.16 (see ../shared/MCORE_ON_CPU.md).
+    # megatron's distributed optimizer (ZeRO-1 over data-parallel ranks); its checkpoints reshard over
+    # TP/PP/DP like the plain optimizer's (training/optimizer_checkpoint.py).
     distributed_optimizer: bool = False
     # "auto" = nccl when CUDA is present, gloo otherwise.
     backend: str = "auto"

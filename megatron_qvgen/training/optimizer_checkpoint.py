@@ -12,7 +12,9 @@ Measured with megatron-core 0.16.1; the code paths are unchanged in 0.19.0:
   optimizer it fails (``assert len(steps) == 1``). :func:`allocate_adam_state` creates that state first.
 - its param-state loaders copy every tensor of a parameter's state, torch Adam's ``step`` included, from the
   checkpoint's param state, which never holds a step (megatron keeps it in the param groups): KeyError 'step'.
-  :func:`load_optimizer_state` sets the step aside while megatron's own loader runs, then puts it back.
+  :func:`load_optimizer_state` sets the step aside while megatron's own loader runs, then puts it back, one
+  tensor per parameter (megatron sets one shared step tensor for all of them: torch's Adam, which advances
+  each parameter's step in place, would then count every step once per parameter).
 With TE / apex (no per-parameter step) both work-arounds do nothing.
 """
 from __future__ import annotations
@@ -64,7 +66,8 @@ def _load_one(sub, state_dict: Dict) -> None:
         loader(param_state)                       # main params and moments
     finally:
         for p, step in steps.items():
-            inner_state[p]["step"] = step
+            inner_state[p]["step"] = step.clone()   # megatron hands every parameter the SAME step tensor,
+                                                     # which torch's Adam would then advance once per parameter
 
 
 _LOADERS = {"fully_sharded_model_space": "fs_model_space", "dp_zero_gather_scatter": "dp_zero"}
