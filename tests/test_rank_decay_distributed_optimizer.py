@@ -11,7 +11,8 @@ import torch
 
 from megatron_qvgen.config import ParallelConfig, QuantConfig
 from multiproc import DistributedTestError, run_distributed
-from test_trainer import _save_teacher, tiny_cfg
+from test_trainer import teacher_ckpt  # noqa: F401 - the fixture: one teacher checkpoint for the module
+from test_trainer import tiny_cfg
 
 T = 3                   # phase length: the gate goes 1, 0.75, 0.25 within each phase
 STEPS = 12              # ranks 4 | 2 | 1 | 0, three steps each
@@ -23,14 +24,6 @@ def decay_cfg(root, tp=1, distributed=True, precision="fp32", steps=STEPS, **tra
     return dataclasses.replace(
         base, quant=QuantConfig.for_method("qvgen", "w4a4", aux_rank=4, decay_phase_steps=T),
         parallel=ParallelConfig(tensor_parallel=tp, distributed_optimizer=distributed))
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dopt")
-    path = str(root / "teacher")
-    run_distributed(_save_teacher, 1, tiny_cfg(str(root / "x")), path)
-    return root, path
 
 
 def _rel(a, b):
@@ -117,8 +110,8 @@ def _check_weights(dopt, plain, tol):
 
 
 @pytest.mark.parametrize("world,tp", [(2, 1), (4, 2)], ids=["dp2", "tp2xdp2"])
-def test_every_phase_to_rank_zero_equals_the_plain_optimizer(teacher, world, tp):
-    root, path = teacher
+def test_every_phase_to_rank_zero_equals_the_plain_optimizer(teacher_ckpt, world, tp):
+    root, path = teacher_ckpt
     plain = run_distributed(_train, world, decay_cfg(str(root / f"plain{world}"), tp, distributed=False), path)
     dopt = run_distributed(_train, world, decay_cfg(str(root / f"dopt{world}"), tp, distributed=True), path)
     _check_boundaries(dopt, RANKS, boundaries=2)   # 4 -> 2 -> 1 re-factor; 1 -> 0 deletes
@@ -127,10 +120,10 @@ def test_every_phase_to_rank_zero_equals_the_plain_optimizer(teacher, world, tp)
 
 
 @pytest.mark.parametrize("world", [1, 2], ids=["dp1", "dp2"])
-def test_bf16_boundaries_refactor_the_fp32_main_params(teacher, world):
+def test_bf16_boundaries_refactor_the_fp32_main_params(teacher_ckpt, world):
     """bf16 params, fp32 main params: the re-factorisation must come from the main params (from the bf16
-    model copy, L R would move by ~1e-3 and the main params would be overwritten with it)."""
-    root, path = teacher
+    model copy, as before this fix, L R moved by 5e-3 at DP = 1 and the main params were overwritten with it)."""
+    root, path = teacher_ckpt
     dopt = run_distributed(_train, world, decay_cfg(str(root / f"bf16_{world}"), precision="bf16"), path)
     _check_boundaries(dopt, RANKS, boundaries=2)
 
@@ -145,9 +138,9 @@ def _recipe_cfg(root, distributed):
     return apply_overrides(get_recipe("tiny_wan"), parse_override_args(args))
 
 
-def test_recipe_phase_length_with_distributed_optimizer(teacher):
+def test_recipe_phase_length_with_distributed_optimizer(teacher_ckpt):
     """The issue's command: tiny_wan, --train.steps 14, T derived as (steps - 1) // phases = 3, DP = 2."""
-    root, _ = teacher
+    root, _ = teacher_ckpt
     dopt_cfg, plain_cfg = _recipe_cfg(str(root / "recipe"), True), _recipe_cfg(str(root / "recipe"), False)
     assert dopt_cfg.quant.decay_phase_steps is None and dopt_cfg.decay_phase_steps == 3
     dopt = run_distributed(_train, 2, dopt_cfg, None)
@@ -157,11 +150,11 @@ def test_recipe_phase_length_with_distributed_optimizer(teacher):
     _check_equal(dopt, plain)
 
 
-def test_sigkill_resume_and_reshard_dp2_to_dp1(teacher):
+def test_sigkill_resume_and_reshard_dp2_to_dp1(teacher_ckpt):
     """DP = 2 run killed at step 7, resumed from its step-5 checkpoint (rank 2: factors present) at DP = 2
     (bit-exact) and at DP = 1; the DP = 1 run's step-10 checkpoint (r = 0: factors gone) resumed at DP = 2
     and at TP = 2. Across layouts only the reduction order differs from the uninterrupted run."""
-    root, path = teacher
+    root, path = teacher_ckpt
     full = run_distributed(_train, 2, decay_cfg(str(root / "full")), path)
     for name, world in (("same", 2), ("dp1", 1)):
         run_dir = str(root / f"resume_{name}")
