@@ -45,52 +45,29 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from megatron_qvgen.data.prepare_run import run_preparation
+
+    return run_preparation(lambda: _options(args), args.rank, args.world, args.allow_failures)
+
+
+def _options(args):
     from megatron_qvgen.config.errors import ConfigError
-    from megatron_qvgen.data.prepare import PrepareOptions, prepare_latent_shards
+    from megatron_qvgen.data.prepare import PrepareOptions
 
-    try:
-        opts = PrepareOptions(
-            videos_dir=args.videos, out_dir=args.out, vae_dir=_folder(args, args.vae, "vae"),
-            text_encoder_dir=_folder(args, args.text_encoder, "text_encoder"),
-            tokenizer_dir=_folder(args, args.tokenizer, "tokenizer"), family=args.family, captions=args.captions,
-            frames=args.frames, height=args.height, width=args.width, fps=args.fps, text_len=args.text_len,
-            samples_per_shard=args.samples_per_shard, rank=args.rank, world=args.world, device=args.device,
-            vae_dtype=args.vae_dtype, text_dtype=args.text_dtype, vae_tiling=args.vae_tiling,
-            shard_prefix=args.shard_prefix, progress=not args.no_progress)
-        report = prepare_latent_shards(opts)
-    except ConfigError as exc:  # the user's to fix; every process meets it, the first one says it
-        if args.rank == 0:
-            print(f"error: {exc}", file=sys.stderr)
-        return 2
-    _print_report(opts, report, args.allow_failures)
-    return 1 if report.failures and not args.allow_failures else 0
+    def folder(explicit, sub):
+        if explicit:
+            return explicit
+        if not args.pipeline:
+            raise ConfigError(f"give --pipeline or --{sub.replace('_', '-')}")
+        return os.path.join(args.pipeline, sub)
 
-
-def _folder(args, explicit, sub):
-    from megatron_qvgen.config.errors import ConfigError
-
-    if explicit:
-        return explicit
-    if not args.pipeline:
-        raise ConfigError(f"give --pipeline or --{sub.replace('_', '-')}")
-    return os.path.join(args.pipeline, sub)
-
-
-def _print_report(opts, report, allow_failures: bool) -> None:
-    if opts.rank == 0 and report.captions_without_video:
-        names = report.captions_without_video
-        print(f"{len(names)} captions name no video: {', '.join(names[:10])}{' ...' if len(names) > 10 else ''}")
-    retried = f" ({report.retried} had failed before)" if report.retried else ""
-    print(f"rank {opts.rank}/{opts.world}: {report.assigned} of {report.videos} videos are this process's: "
-          f"{report.encoded} encoded now, {report.already_done} done before, {len(report.failures)} failed"
-          f"{retried}; {report.shards_packed} shards written, {report.shards_complete}/{report.shards_total} "
-          f"complete in {opts.out_dir}")
-    for video, why in report.failures:
-        named = why.split(": ", 1)[0].endswith(video)  # video errors start with the file's path
-        print(f"  failed: {why}" if named else f"  failed: {video}: {why}")
-    if report.failures:
-        print("  (they are tried again on the next run; --allow-failures exits 0 without them)"
-              if not allow_failures else "  (skipped: --allow-failures)")
+    return PrepareOptions(
+        videos_dir=args.videos, out_dir=args.out, vae_dir=folder(args.vae, "vae"),
+        text_encoder_dir=folder(args.text_encoder, "text_encoder"), tokenizer_dir=folder(args.tokenizer, "tokenizer"),
+        family=args.family, captions=args.captions, frames=args.frames, height=args.height, width=args.width,
+        fps=args.fps, text_len=args.text_len, samples_per_shard=args.samples_per_shard, rank=args.rank,
+        world=args.world, device=args.device, vae_dtype=args.vae_dtype, text_dtype=args.text_dtype,
+        vae_tiling=args.vae_tiling, shard_prefix=args.shard_prefix, progress=not args.no_progress)
 
 
 if __name__ == "__main__":

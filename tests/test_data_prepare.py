@@ -14,6 +14,7 @@ from megatron_qvgen.config import ConfigError, DataConfig
 from megatron_qvgen.data import DatasetError, build_latent_loader, read_dataset_manifest
 from megatron_qvgen.data.shard_index import read_shard_index
 from megatron_qvgen.data.video_io import VideoError, read_clip
+from multiproc import run_distributed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MEAN, STD = [0.1, -0.2, 0.3, 0.0], [1.5, 2.0, 0.5, 1.0]
@@ -167,7 +168,8 @@ def test_folder_of_videos_to_shards_equal_to_the_vae_output(tmp_path, monkeypatc
     (videos / "0_new.txt").write_text("a box")
     code, text, err = _run_cli(monkeypatch, capsys, *common, "--rank", "0")
     assert code == 2 and err.count("\n") == 1 and re.match(r"error: .*shard-000000\.tar was made from other videos", err)
-    assert _run_cli(monkeypatch, capsys, *common, "--rank", "1")[1:] == ("", "")
+    code, text, err2 = _run_cli(monkeypatch, capsys, *common, "--rank", "1")  # a separate process says it too
+    assert (code, text, err2) == (2, "", err)
 
 
 def test_a_run_that_failed_every_video_reruns_with_working_settings(tmp_path, monkeypatch, capsys):
@@ -182,14 +184,14 @@ def test_a_run_that_failed_every_video_reruns_with_working_settings(tmp_path, mo
     common = ["--videos", str(videos), "--out", out, "--pipeline", models_dir, "--height", "32", "--width", "32",
               "--fps", "8", "--text-len", "12", "--no-progress"]
     code, text, _ = _run_cli(monkeypatch, capsys, *common, "--frames", "9")    # needs 9 frames: all too short
-    assert code == 1 and "0 encoded now, 0 done before, 3 failed; 0 shards written, 0/1 complete" in text
+    assert code == 1 and "3 videos: 0 encoded now, 0 done before, 3 failed; 0 shards written, 0/1 complete" in text
     assert "too short" in text and not [n for n in os.listdir(out) if n.endswith(".tar")]
     code, text, _ = _run_cli(monkeypatch, capsys, *common, "--frames", "9", "--allow-failures")
     assert code == 0 and "3 failed (3 had failed before)" in text and "--allow-failures" in text
     # Nothing was encoded with 9 frames, so new settings may replace them: every video is tried again.
     code, text, _ = _run_cli(monkeypatch, capsys, *common, "--frames", "5")
-    assert code == 0 and "3 encoded now, 0 done before, 0 failed (3 had failed before); 1 shards written, " \
-                         "1/1 complete" in text
+    assert code == 0 and "3 videos: 3 encoded now, 0 done before, 0 failed (3 had failed before); 1 shards " \
+                         "written, 1/1 complete" in text
     assert read_dataset_manifest(out)[0].settings["frames"] == 5
     assert len(read_shard_index(os.path.join(out, "shard-000000.tar")).entries) == 3
     # Now samples exist: other settings are refused, naming them (one line, from rank 0).
@@ -197,7 +199,6 @@ def test_a_run_that_failed_every_video_reruns_with_working_settings(tmp_path, mo
     assert code == 2 and text == "" and err.count("\n") == 1
     assert "holds samples made with other settings: fps 8.0 -> 16.0, frames 5 -> 9, vae_dtype float32 -> bfloat16" \
         in err and "new --out" in err
-    assert _run_cli(monkeypatch, capsys, *common, "--frames", "9", "--world", "2", "--rank", "1")[:3] == (2, "", "")
     # Other model files are other settings too.
     other = _tiny_models(str(tmp_path / "other"), seed=1)
     code, _, err = _run_cli(monkeypatch, capsys, *common, "--frames", "5", "--vae", os.path.join(other, "vae"))
@@ -209,10 +210,10 @@ def test_a_run_that_failed_every_video_reruns_with_working_settings(tmp_path, mo
 def _prepare_opts(models_dir, videos, out, **kw):
     from megatron_qvgen.data.prepare import PrepareOptions
 
+    kw = {"frames": 5, "height": 32, "width": 32, "fps": 8, "text_len": 12, "samples_per_shard": 2, **kw}
     return PrepareOptions(videos_dir=videos, out_dir=out, vae_dir=os.path.join(models_dir, "vae"),
                           text_encoder_dir=os.path.join(models_dir, "text_encoder"),
-                          tokenizer_dir=os.path.join(models_dir, "tokenizer"), frames=5, height=32, width=32, fps=8,
-                          text_len=12, samples_per_shard=2, progress=False, **kw)
+                          tokenizer_dir=os.path.join(models_dir, "tokenizer"), progress=False, **kw)
 
 
 def _in_child(fn):
@@ -291,6 +292,46 @@ def test_work_is_split_per_video_and_a_kill_loses_only_the_video_being_encoded(t
     statuses = [os.waitpid(pid, 0)[1] for pid in pids]
     assert statuses == [0, 0, 0]
     assert _shard_bytes(together) == expected and not os.listdir(os.path.join(together, "pending"))
+
+
+def _run_as_rank(rank, world, make_opts, allow_failures=False):
+    import contextlib
+    import io
+
+    from megatron_qvgen.data.prepare_run import run_preparation
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = run_preparation(make_opts, rank, world, allow_failures)
+    return {"code": code, "out": out.getvalue(), "err": err.getvalue()}
+
+
+def test_processes_launched_together_report_once_and_exit_alike(tmp_path):
+    """torchrun's processes (here: a real gloo group) wait for each other, and rank 0 alone reports."""
+    models_dir = _tiny_models(str(tmp_path / "pipeline"))
+    videos = str(tmp_path / "videos")
+    os.makedirs(videos)
+    rng = np.random.default_rng(4)
+    for k in range(5):
+        _write_video(os.path.join(videos, f"v{k}.mp4"), rng.integers(0, 256, (7, 32, 32, 3), dtype=np.uint8), fps=8)
+        if k != 3:                                            # v3 (rank 1's) has no caption
+            with open(os.path.join(videos, f"v{k}.txt"), "w") as f:
+                f.write("a red ball")
+    out = str(tmp_path / "out")
+
+    def options(frames):
+        return lambda: _prepare_opts(models_dir, videos, out, frames=frames, rank=int(os.environ["RANK"]), world=2)
+
+    results = run_distributed(_run_as_rank, 2, options(5))
+    assert [r["code"] for r in results] == [1, 1] and results[1]["out"] == results[1]["err"] == ""
+    assert "5 videos: 4 encoded now, 0 done before, 1 failed; 3 shards written, 3/3 complete" in results[0]["out"]
+    assert "failed: v3.mp4: no caption" in results[0]["out"]
+    results = run_distributed(_run_as_rank, 2, options(5), allow_failures=True)
+    assert [r["code"] for r in results] == [0, 0] and "4 done before, 1 failed (1 had failed before)" in \
+        results[0]["out"]
+    results = run_distributed(_run_as_rank, 2, options(9))
+    assert [r["code"] for r in results] == [2, 2] and results[1]["err"] == "" and results[0]["out"] == ""
+    assert results[0]["err"].count("\n") == 1 and "other settings: frames 5 -> 9" in results[0]["err"]
 
 
 def test_caption_problems_each_have_their_own_message(tmp_path, monkeypatch, capsys):

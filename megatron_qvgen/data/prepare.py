@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import List, Optional, Set, Tuple
 
 from tqdm import tqdm
 
@@ -23,7 +23,8 @@ from megatron_qvgen.data.errors import DatasetError
 from megatron_qvgen.data.manifest import MANIFEST_NAME, DatasetManifest, read_dataset_manifest, write_dataset_manifest
 from megatron_qvgen.data.prepare_options import DTYPES, FAMILIES, PrepareOptions, settings_changes
 from megatron_qvgen.data.prepare_pieces import (
-    pending_samples_exist, piece_state, remove_stale_temporaries, write_failure_piece, write_sample_piece,
+    listed_pieces, pending_samples_exist, piece_state, remove_stale_temporaries, write_failure_piece,
+    write_sample_piece,
 )
 from megatron_qvgen.data.prepare_shards import pack_if_ready, packed_shard, shard_blocks
 from megatron_qvgen.data.schema import SampleMeta
@@ -33,7 +34,7 @@ from megatron_qvgen.data.video_io import VideoError, read_clip
 log = logging.getLogger(__name__)
 GENERATOR = "megatron_qvgen.data.prepare_latent_shards"
 
-__all__ = ["FAMILIES", "GENERATOR", "PrepareOptions", "PrepareReport", "prepare_latent_shards"]
+__all__ = ["FAMILIES", "GENERATOR", "PrepareOptions", "PrepareReport", "finish_preparation", "prepare_latent_shards"]
 
 
 @dataclass
@@ -44,11 +45,15 @@ class PrepareReport:
     encoded: int = 0                # of its share: samples written this run
     retried: int = 0                # of its share: failed in an earlier run, tried again now
     failures: List[Tuple[str, str]] = field(default_factory=list)   # (video, why): this process's share
-    shards_packed: int = 0          # written by this process
+    packed: Set[int] = field(default_factory=set)                  # shards written by this process
     shards_complete: int = 0        # on disk at the end, all processes: every video a sample or a failure
     shards_total: int = 0
     captions_without_video: List[str] = field(default_factory=list)
     replaced_settings: List[str] = field(default_factory=list)      # accepted: nothing had been encoded with them
+
+    @property
+    def shards_packed(self) -> int:
+        return len(self.packed)
 
 
 def prepare_latent_shards(opts: PrepareOptions) -> PrepareReport:
@@ -57,24 +62,29 @@ def prepare_latent_shards(opts: PrepareOptions) -> PrepareReport:
     blocks = shard_blocks(videos, opts.samples_per_shard)
     report = PrepareReport(videos=len(videos), shards_total=len(blocks),
                            captions_without_video=captions_without_video(opts.videos_dir, videos, table))
-    shards = [packed_shard(opts, j, block) for j, block in enumerate(blocks)]
+    done, failed_before, any_shard = set(), set(), False
+    for j, block in enumerate(blocks):
+        shard = packed_shard(opts, j, block)  # refuses a shard made from other videos
+        if shard is not None:
+            any_shard = True
+            done.update(shard.samples)
+            failed_before.update(shard.failures)
     settings = opts.settings()
     recorded = _recorded_manifest(opts)
     if recorded is not None:
-        report.replaced_settings = _check_settings(opts, recorded, settings, shards)
+        report.replaced_settings = _check_settings(opts, recorded, settings, any_shard)
     if os.path.isdir(opts.out_dir):
         remove_stale_temporaries(opts.out_dir)
 
-    todo = []
+    todo, pieces = [], listed_pieces(opts.out_dir)
     for i in range(opts.rank, len(videos), opts.world):
         report.assigned += 1
-        video, shard = videos[i], shards[i // opts.samples_per_shard]
-        state = piece_state(opts.out_dir, video)
-        if (shard is not None and video in shard.samples) or state == "sample":
+        video = videos[i]
+        state = piece_state(opts.out_dir, video, pieces)
+        if video in done or state == "sample":
             report.already_done += 1
             continue
-        if state == "failed" or (shard is not None and video in shard.failures):
-            report.retried += 1
+        report.retried += state == "failed" or video in failed_before
         todo.append(i)
 
     manifest = recorded
@@ -87,10 +97,25 @@ def prepare_latent_shards(opts: PrepareOptions) -> PrepareReport:
         if opts.rank == 0 and (recorded is None or report.replaced_settings):
             write_dataset_manifest(opts.out_dir, manifest, encoder.encode([""])[0])
         _encode(opts, videos, todo, table, vae, encoder, manifest, blocks, report)
-    for j in range(opts.rank, len(blocks), opts.world):  # pieces a killed run left complete but unpacked
-        report.shards_packed += pack_if_ready(opts, j, blocks[j], manifest)
+    # Pieces that a killed run left complete but unpacked.
+    report.packed |= _pack_ready(opts, blocks, manifest, range(opts.rank, len(blocks), opts.world))
     report.shards_complete = sum(_complete(opts, j, block) for j, block in enumerate(blocks))
     return report
+
+
+def finish_preparation(opts: PrepareOptions) -> Tuple[Set[int], int]:
+    """Once every process has finished: pack any shard left ready, and count the complete ones.
+
+    Returns (shards written now, complete shards).
+    """
+    blocks = shard_blocks(list_videos(opts.videos_dir), opts.samples_per_shard)
+    recorded = _recorded_manifest(opts)
+    packed = _pack_ready(opts, blocks, recorded, range(len(blocks))) if recorded is not None else set()
+    return packed, sum(_complete(opts, j, block) for j, block in enumerate(blocks))
+
+
+def _pack_ready(opts: PrepareOptions, blocks, manifest: DatasetManifest, shard_ids) -> Set[int]:
+    return {j for j in shard_ids if pack_if_ready(opts, j, blocks[j], manifest)}
 
 
 def _recorded_manifest(opts: PrepareOptions) -> Optional[DatasetManifest]:
@@ -99,7 +124,7 @@ def _recorded_manifest(opts: PrepareOptions) -> Optional[DatasetManifest]:
     return read_dataset_manifest(opts.out_dir)[0]
 
 
-def _check_settings(opts: PrepareOptions, recorded: DatasetManifest, settings, shards) -> List[str]:
+def _check_settings(opts: PrepareOptions, recorded: DatasetManifest, settings, any_shard: bool) -> List[str]:
     """The changed settings, accepted only while the folder holds no sample; else DatasetError naming them."""
     path = os.path.join(opts.out_dir, MANIFEST_NAME)
     if recorded.info.get("generator") != GENERATOR:
@@ -107,11 +132,15 @@ def _check_settings(opts: PrepareOptions, recorded: DatasetManifest, settings, s
     changes = settings_changes(recorded.settings, settings)
     if not changes:
         return []
-    if any(s is not None for s in shards) or pending_samples_exist(opts.out_dir):
+    if any_shard or pending_samples_exist(opts.out_dir):
+        if not recorded.settings:
+            raise DatasetError(f"{path} was written by an earlier version that did not record its settings, and "
+                               "holds samples: prepare into a new --out")
         raise DatasetError(f"{path} holds samples made with other settings: {', '.join(changes)}; rerun with the "
                            "same settings, or prepare into a new --out")
-    log.warning("%s: no sample was made with the earlier settings (%s): they are replaced and every video is "
-                "tried again", path, ", ".join(changes))
+    if opts.rank == 0:
+        log.warning("%s: no sample was made with the earlier settings (%s): they are replaced and every video is "
+                    "tried again", path, ", ".join(changes))
     return changes
 
 
@@ -119,6 +148,12 @@ def _load_models(opts: PrepareOptions):
     from megatron_qvgen.data.text_encoders import PretrainedTextEncoder
     from megatron_qvgen.data.video_vae import VideoVAE
 
+    if not opts.progress:  # --no-progress: no weight-loading bars either (logs of long runs stay readable)
+        import diffusers
+        import transformers
+
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
     device = opts.resolved_device()
     vae = VideoVAE(opts.vae_dir, device=device, dtype=DTYPES[opts.vae_dtype], tiling=opts.vae_tiling)
     expected_vae = FAMILIES[opts.family]["vae"]
@@ -168,10 +203,12 @@ def _encode(opts: PrepareOptions, videos, todo, table, vae, encoder, manifest: D
             except (VideoError, ValueError) as exc:  # ValueError: the writer refuses a non-finite latent
                 write_failure_piece(opts.out_dir, video, str(exc))
                 report.failures.append((video, str(exc)))
-                tqdm.write(f"skipped video {video}: {exc}")
+                if opts.progress:  # else the final report lists it
+                    tqdm.write(f"skipped video {video}: {exc}")
             bar.update(1)
             j = i // opts.samples_per_shard
-            report.shards_packed += pack_if_ready(opts, j, blocks[j], manifest, upcoming)
+            if pack_if_ready(opts, j, blocks[j], manifest, upcoming):
+                report.packed.add(j)
 
 
 def _complete(opts: PrepareOptions, shard: int, block) -> bool:

@@ -13,7 +13,7 @@ import hashlib
 import os
 import time
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import FrozenSet, Optional, Sequence, Tuple
 
 from megatron_qvgen.data.errors import BadSample, DatasetError
 from megatron_qvgen.data.manifest import DatasetManifest
@@ -53,10 +53,21 @@ def write_failure_piece(out_dir: str, video: str, error: str) -> None:
         writer.add_failure(video, error)
 
 
-def piece_state(out_dir: str, video: str) -> Optional[str]:
-    """"sample", "failed", or None (no piece, or one that cannot be read: the video is encoded again)."""
+def listed_pieces(out_dir: str) -> FrozenSet[str]:
+    """The piece files there are now (one directory listing instead of a lookup per video)."""
+    try:
+        return frozenset(n for n in os.listdir(os.path.join(out_dir, PENDING_DIR)) if n.endswith(".tar"))
+    except FileNotFoundError:
+        return frozenset()
+
+
+def piece_state(out_dir: str, video: str, listed: Optional[FrozenSet[str]] = None) -> Optional[str]:
+    """"sample", "failed", or None (no piece, or one that cannot be read: the video is encoded again).
+
+    ``listed``: from :func:`listed_pieces`, to skip the lookup of videos that have no piece.
+    """
     path = piece_path(out_dir, video)
-    if not os.path.exists(path):
+    if (listed is not None and os.path.basename(path) not in listed) or not os.path.exists(path):
         return None
     try:
         index = read_shard_index(path)
