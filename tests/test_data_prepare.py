@@ -42,6 +42,18 @@ def _decoded_frames(path):
         return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
 
 
+def _video_folder(path, count, seed, caption=lambda k: "a red ball"):
+    """``count`` 7-frame 8 fps clips v<k>.mp4, each with v<k>.txt unless ``caption(k)`` is None."""
+    os.makedirs(path)
+    rng = np.random.default_rng(seed)
+    for k in range(count):
+        _write_video(os.path.join(path, f"v{k}.mp4"), rng.integers(0, 256, (7, 32, 32, 3), dtype=np.uint8), fps=8)
+        if caption(k) is not None:
+            with open(os.path.join(path, f"v{k}.txt"), "w") as f:
+                f.write(caption(k))
+    return path
+
+
 def _tiny_models(root, seed=0):
     from diffusers import AutoencoderKLWan
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
@@ -167,21 +179,17 @@ def test_folder_of_videos_to_shards_equal_to_the_vae_output(tmp_path, monkeypatc
     _write_video(str(videos / "0_new.mp4"), rng.integers(0, 256, (7, 32, 32, 3), dtype=np.uint8), fps=8)
     (videos / "0_new.txt").write_text("a box")
     code, text, err = _run_cli(monkeypatch, capsys, *common, "--rank", "0")
-    assert code == 2 and err.count("\n") == 1 and re.match(r"error: .*shard-000000\.tar was made from other videos", err)
+    assert code == 2 and err.count("\n") == 1
+    assert re.match(r"error: .*shard-000000\.tar was made from other videos", err)
     code, text, err2 = _run_cli(monkeypatch, capsys, *common, "--rank", "1")  # a separate process says it too
     assert (code, text, err2) == (2, "", err)
 
 
 def test_a_run_that_failed_every_video_reruns_with_working_settings(tmp_path, monkeypatch, capsys):
     models_dir = _tiny_models(str(tmp_path / "pipeline"))
-    videos = tmp_path / "videos"
-    os.makedirs(videos)
-    rng = np.random.default_rng(1)
-    for name in ("a.mp4", "b.mp4", "c.mp4"):                  # 7 frames at 8 fps: under a second
-        _write_video(str(videos / name), rng.integers(0, 256, (7, 32, 32, 3), dtype=np.uint8), fps=8)
-        (videos / name).with_suffix(".txt").write_text("a red ball")
+    videos = _video_folder(str(tmp_path / "videos"), 3, seed=1)     # 7 frames at 8 fps: under a second
     out = str(tmp_path / "out")
-    common = ["--videos", str(videos), "--out", out, "--pipeline", models_dir, "--height", "32", "--width", "32",
+    common = ["--videos", videos, "--out", out, "--pipeline", models_dir, "--height", "32", "--width", "32",
               "--fps", "8", "--text-len", "12", "--no-progress"]
     code, text, _ = _run_cli(monkeypatch, capsys, *common, "--frames", "9")    # needs 9 frames: all too short
     assert code == 1 and "3 videos: 0 encoded now, 0 done before, 3 failed; 0 shards written, 0/1 complete" in text
@@ -216,8 +224,8 @@ def _prepare_opts(models_dir, videos, out, **kw):
                           tokenizer_dir=os.path.join(models_dir, "tokenizer"), progress=False, **kw)
 
 
-def _in_child(fn):
-    """Run ``fn`` in a forked process; returns its wait status."""
+def _fork(fn):
+    """Start ``fn`` in a forked process (exit status 0 if it returns); returns the pid."""
     pid = os.fork()
     if pid == 0:
         code = 1
@@ -226,6 +234,10 @@ def _in_child(fn):
             code = 0
         finally:
             os._exit(code)
+    return pid
+
+
+def _wait(pid):
     return os.waitpid(pid, 0)[1]
 
 
@@ -238,13 +250,8 @@ def test_work_is_split_per_video_and_a_kill_loses_only_the_video_being_encoded(t
     from megatron_qvgen.data.video_vae import VideoVAE
 
     models_dir = _tiny_models(str(tmp_path / "pipeline"))
-    videos = str(tmp_path / "videos")
-    os.makedirs(videos)
-    rng = np.random.default_rng(2)
-    for k in range(7):
-        _write_video(os.path.join(videos, f"v{k}.mp4"), rng.integers(0, 256, (7, 32, 32, 3), dtype=np.uint8), fps=8)
-        with open(os.path.join(videos, f"v{k}.txt"), "w") as f:
-            f.write(f"a {['red', 'blue', 'green'][k % 3]} ball")
+    colours = ["red", "blue", "green"]
+    videos = _video_folder(str(tmp_path / "videos"), 7, seed=2, caption=lambda k: f"a {colours[k % 3]} ball")
 
     # 4 processes, 7 videos, shards of 2: every process encodes; whoever completes a shard packs it.
     out = str(tmp_path / "by_rank")
@@ -269,7 +276,7 @@ def test_work_is_split_per_video_and_a_kill_loses_only_the_video_being_encoded(t
         VideoVAE.encode = encode
         prepare_latent_shards(_prepare_opts(models_dir, videos, killed))
 
-    status = _in_child(encode_then_die)
+    status = _wait(_fork(encode_then_die))
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
     report = prepare_latent_shards(_prepare_opts(models_dir, videos, killed))
     assert (report.already_done, report.encoded, report.failures) == (3, 4, [])
@@ -277,20 +284,9 @@ def test_work_is_split_per_video_and_a_kill_loses_only_the_video_being_encoded(t
 
     # Three processes at once into one folder: shards packed as they complete, each once, same bytes.
     together = str(tmp_path / "together")
-    statuses = []
-    pids = []
-    for r in range(3):
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                prepare_latent_shards(_prepare_opts(models_dir, videos, together, rank=r, world=3))
-                code = 0
-            finally:
-                os._exit(code)
-        pids.append(pid)
-    statuses = [os.waitpid(pid, 0)[1] for pid in pids]
-    assert statuses == [0, 0, 0]
+    pids = [_fork(lambda r=r: prepare_latent_shards(_prepare_opts(models_dir, videos, together, rank=r, world=3)))
+            for r in range(3)]
+    assert [_wait(pid) for pid in pids] == [0, 0, 0]
     assert _shard_bytes(together) == expected and not os.listdir(os.path.join(together, "pending"))
 
 
@@ -309,14 +305,7 @@ def _run_as_rank(rank, world, make_opts, allow_failures=False):
 def test_processes_launched_together_report_once_and_exit_alike(tmp_path):
     """torchrun's processes (here: a real gloo group) wait for each other, and rank 0 alone reports."""
     models_dir = _tiny_models(str(tmp_path / "pipeline"))
-    videos = str(tmp_path / "videos")
-    os.makedirs(videos)
-    rng = np.random.default_rng(4)
-    for k in range(5):
-        _write_video(os.path.join(videos, f"v{k}.mp4"), rng.integers(0, 256, (7, 32, 32, 3), dtype=np.uint8), fps=8)
-        if k != 3:                                            # v3 (rank 1's) has no caption
-            with open(os.path.join(videos, f"v{k}.txt"), "w") as f:
-                f.write("a red ball")
+    videos = _video_folder(str(tmp_path / "videos"), 5, seed=4, caption=lambda k: None if k == 3 else "a red ball")
     out = str(tmp_path / "out")
 
     def options(frames):
@@ -362,7 +351,7 @@ def test_caption_problems_each_have_their_own_message(tmp_path, monkeypatch, cap
         caption_for(str(videos), "a.mp4", table)
     assert captions_without_video(str(videos), names, table) == ["gone.mp4"]
     (tmp_path / "latin.csv").write_bytes(b"video,caption\nc.mp4,caf\xe9\n")
-    with pytest.raises(DatasetError, match=r"caption table .*latin\.csv is not UTF-8 text \(byte 0xe9 at position 23\)"):
+    with pytest.raises(DatasetError, match=r"table .*latin\.csv is not UTF-8 text \(byte 0xe9 at position 23\)"):
         load_caption_table(str(tmp_path / "latin.csv"))
 
     out = str(tmp_path / "out")
