@@ -94,7 +94,9 @@ def prepare_latent_shards(opts: PrepareOptions) -> PrepareReport:
         if recorded is not None and not report.replaced_settings and recorded.identity() != manifest.identity():
             raise DatasetError(f"{os.path.join(opts.out_dir, MANIFEST_NAME)} describes other latents or text "
                                "embeddings than these models make: prepare into a new --out")
-        if opts.rank == 0 and (recorded is None or report.replaced_settings):
+        if recorded is None or report.replaced_settings:
+            # Every process writes it (the same bytes, atomically) before its first piece: a process started
+            # later then finds these settings, never pieces made with settings it has not seen.
             write_dataset_manifest(opts.out_dir, manifest, encoder.encode([""])[0])
         _encode(opts, videos, todo, table, vae, encoder, manifest, blocks, report)
     # Pieces that a killed run left complete but unpacked.
