@@ -2,7 +2,10 @@
 """Encode a folder of videos + captions into latent webdataset shards (see megatron_qvgen.data.prepare).
 
     python data/prepare_latents.py --videos clips/ --out shards/wan --pipeline Wan2.1-T2V-1.3B-Diffusers --family wan
-    torchrun --nproc-per-node 8 data/prepare_latents.py ...   # one process per GPU, shards split between them
+    torchrun --nproc-per-node 8 data/prepare_latents.py ...   # one process per GPU, videos split between them
+
+Rerun the same command after a kill or after fixing videos/captions: finished videos are kept, failed ones are
+tried again. Exit status: 0 done; 1 some videos failed (0 with --allow-failures); 2 a usage or data error.
 """
 import argparse
 import os
@@ -34,34 +37,37 @@ def parse_args(argv=None):
     p.add_argument("--text-dtype", choices=("float32", "bfloat16", "float16"),
                    help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--vae-tiling", action="store_true", help="encode large frames in tiles (less memory)")
+    p.add_argument("--allow-failures", action="store_true",
+                   help="exit 0 even when some videos could not be encoded (they are listed and skipped)")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from megatron_qvgen.data.prepare import PrepareOptions, prepare_latent_shards
+    from megatron_qvgen.data.prepare_run import run_preparation
+
+    return run_preparation(lambda: _options(args), args.rank, args.world, args.allow_failures)
+
+
+def _options(args):
+    from megatron_qvgen.config.errors import ConfigError
+    from megatron_qvgen.data.prepare import PrepareOptions
 
     def folder(explicit, sub):
         if explicit:
             return explicit
         if not args.pipeline:
-            sys.exit(f"error: give --pipeline or --{sub.replace('_', '-')}")
+            raise ConfigError(f"give --pipeline or --{sub.replace('_', '-')}")
         return os.path.join(args.pipeline, sub)
 
-    opts = PrepareOptions(
+    return PrepareOptions(
         videos_dir=args.videos, out_dir=args.out, vae_dir=folder(args.vae, "vae"),
         text_encoder_dir=folder(args.text_encoder, "text_encoder"), tokenizer_dir=folder(args.tokenizer, "tokenizer"),
         family=args.family, captions=args.captions, frames=args.frames, height=args.height, width=args.width,
         fps=args.fps, text_len=args.text_len, samples_per_shard=args.samples_per_shard, rank=args.rank,
         world=args.world, device=args.device, vae_dtype=args.vae_dtype, text_dtype=args.text_dtype,
         vae_tiling=args.vae_tiling, shard_prefix=args.shard_prefix, progress=not args.no_progress)
-    report = prepare_latent_shards(opts)
-    print(f"rank {opts.rank}/{opts.world}: wrote {report.shards_written} shards ({report.samples_written} samples), "
-          f"skipped {report.shards_skipped} complete shards, {len(report.failures)} videos failed")
-    for video, why in report.failures:
-        print(f"  failed: {video}: {why}")
-    return 1 if report.failures and report.samples_written == 0 else 0
 
 
 if __name__ == "__main__":

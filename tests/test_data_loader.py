@@ -246,13 +246,13 @@ def test_too_many_bad_in_a_row_stops_naming_the_shard(tmp_path):
 def test_dataset_errors_name_the_file(tmp_path):
     root = str(tmp_path / "d")
     make_synthetic_shards(root, _spec(8, 4), progress=False)
-    with pytest.raises(DatasetError, match="text_dim is 16, the model expects 32"):
+    with pytest.raises(DatasetError, match="text embeddings are 16 wide, the model takes 32"):
         build_latent_loader(DataConfig(shards=root), 1, 0, 1, text_dim=32)
     with pytest.raises(DatasetError, match="2 shards with usable samples cannot be split over 4"):
         build_latent_loader(DataConfig(shards=root, split="shards"), 1, 0, 4)
     with pytest.raises(ValueError, match="dp_rank=2"):
         build_latent_loader(DataConfig(shards=root), 1, 2, 2)
-    with pytest.raises(DatasetError, match="no .tar shards"):
+    with pytest.raises(DatasetError, match="does not exist"):
         build_latent_loader(DataConfig(shards=str(tmp_path / "nothing")), 1, 0, 1)
     with open(index_path_for(os.path.join(root, "synthetic-000001.tar")), "w") as f:
         f.write("{not json")

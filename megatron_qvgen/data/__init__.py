@@ -4,10 +4,11 @@ The trainer needs only::
 
     from megatron_qvgen.data import build_latent_loader, ensure_synthetic_dataset
     ensure_synthetic_dataset(cfg.data, latent_channels, text_len, text_dim)   # no-op unless asked for
-    loader = build_latent_loader(cfg.data, micro_batch_size, dp_rank, dp_size,
-                                 latent_channels=..., text_len=..., text_dim=...)
+    loader = build_latent_loader(cfg.data, micro_batch_size, dp_rank, dp_size, model=cfg.model,
+                                 log_bad_samples=tp_rank == 0 and pp_rank == 0)   # shards checked against the model
     batch = next(loader); loader.state_dict(); loader.load_state_dict(state); loader.bad_samples
 
+Every DatasetError is a user's error (a ConfigError): one line naming the file and what to do.
 Heavy dependencies (diffusers, transformers, PyAV) are imported only by the encoding tools.
 """
 from megatron_qvgen.data.errors import BAD_SAMPLE_REASONS, BadSample, DatasetError

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import logging
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from braceexpand import braceexpand
 from megatron_qvgen.data.errors import DatasetError
 from megatron_qvgen.data.manifest import DatasetManifest, read_dataset_manifest
 from megatron_qvgen.data.shard_index import ShardIndex, load_shard_index
+
+log = logging.getLogger(__name__)
 
 
 def resolve_shards(pattern: str) -> List[str]:
@@ -34,7 +37,11 @@ def resolve_shards(pattern: str) -> List[str]:
                 raise DatasetError(f"shard {expanded} (from the pattern {pattern}) does not exist")
     paths = sorted({p for p in paths if p.endswith(".tar") and os.path.isfile(p)})
     if not paths:
-        raise DatasetError(f"no .tar shards at {pattern!r} (a directory, a glob or a brace pattern)")
+        missing = not os.path.exists(pattern) and not glob.has_magic(pattern)
+        where = "does not exist" if missing else "holds no .tar shards"
+        raise DatasetError(f"data.shards {pattern} {where}: point --data.shards at a directory, glob or brace pattern "
+                           "of shards (data/prepare_latents.py makes them from videos), or add "
+                           "--data.synthesize_if_missing true to generate the synthetic set there")
     return paths
 
 
@@ -68,7 +75,9 @@ class LatentDataset:
         return h.hexdigest()[:16]
 
 
-def open_latent_dataset(pattern: str, max_bad_in_a_row: int) -> LatentDataset:
+def open_latent_dataset(pattern: str, max_bad_in_a_row: int, announce: bool = True) -> LatentDataset:
+    """``announce``: log what indexing found wrong (truncated shards). Every rank finds the same, so the
+    loader lets one rank announce it."""
     shards = resolve_shards(pattern)
     manifest, manifest_dir, empty = _common_manifest(shards)
     indexes, shard_ids, entry_ids, shapes = [], [], [], []
@@ -76,6 +85,8 @@ def open_latent_dataset(pattern: str, max_bad_in_a_row: int) -> LatentDataset:
     for shard_id, shard in enumerate(shards):
         index = load_shard_index(shard)
         _check_bad_run(index, max_bad_in_a_row)
+        if announce:
+            _announce_truncation(index)
         indexes.append(index)
         problems.update(index.problems())
         for entry_id in index.usable:
@@ -105,6 +116,21 @@ def _common_manifest(shards: List[str]):
             raise DatasetError(f"{directory}/dataset.json and {first[1]}/dataset.json describe different data "
                                "(schema, shapes, VAE, text encoder or latent normalization): read them separately")
     return first
+
+
+def _announce_truncation(index: ShardIndex) -> None:
+    """A shard shorter than its index says: the samples past the end are skipped (as bad samples) when read.
+
+    They stay in the plan, so a run resumed after a shard was cut keeps its data position.
+    """
+    size = os.path.getsize(index.shard)
+    if size >= index.tar_bytes:
+        return
+    cut = [e for e in index.entries if e.problem is None and any(off + n > size for off, n in e.members.values())]
+    if cut:
+        log.warning("shard %s is truncated: the file has %d bytes, its index was written for %d; %d of its %d samples "
+                    "(from %s on) lie past the end and will be skipped as bad samples", index.shard, size,
+                    index.tar_bytes, len(cut), len(index.entries), cut[0].key)
 
 
 def _check_bad_run(index: ShardIndex, max_bad_in_a_row: int) -> None:

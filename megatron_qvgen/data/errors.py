@@ -1,6 +1,8 @@
 """The two ways data goes wrong: one sample is bad (skip and count it), or the dataset is (stop, name it)."""
 from __future__ import annotations
 
+from megatron_qvgen.config.errors import ConfigError
+
 # Why a sample was skipped; the loader's `bad_samples` counter is keyed by these.
 BAD_SAMPLE_REASONS = (
     "unreadable",         # the file could not be read (I/O error)
@@ -27,8 +29,10 @@ class BadSample(Exception):
         self.detail = detail
 
 
-class DatasetError(ValueError):
-    """The dataset as a whole is unusable (missing manifest, corrupt index, too many bad samples in a row).
+class DatasetError(ConfigError):
+    """The dataset as a whole is unusable (missing manifest, corrupt index, too many bad samples in a row,
+    shards that do not fit the model), or a data-preparation run cannot go on (other settings, other videos).
 
-    The message names the file or shard.
+    A user's error, not a bug: it subclasses the project's user-facing :class:`ConfigError`, which the entry
+    points print as one line from rank 0. The message is one line, names the file or shard and says what to do.
     """

@@ -26,6 +26,7 @@ from megatron_qvgen.data.dataset import LatentDataset, open_latent_dataset
 from megatron_qvgen.data.epoch_plan import EpochPlanner
 from megatron_qvgen.data.errors import BadSample, DatasetError
 from megatron_qvgen.data.manifest import MANIFEST_NAME
+from megatron_qvgen.data.model_fit import check_dataset_fits_model
 from megatron_qvgen.data.sample_reader import SampleReader
 
 log = logging.getLogger(__name__)
@@ -55,8 +56,10 @@ class LatentBatch:
 class MicroBatchBuilder(Dataset):
     """Map-style dataset over micro-batch numbers: ``builder[i]`` is micro-batch ``i`` of this rank."""
 
-    def __init__(self, dataset: LatentDataset, planner: EpochPlanner, caption_dropout: float, max_bad_in_a_row: int):
+    def __init__(self, dataset: LatentDataset, planner: EpochPlanner, caption_dropout: float, max_bad_in_a_row: int,
+                 log_bad_samples: bool = True):
         self.dataset = dataset
+        self.log_bad_samples = log_bad_samples
         self.planner = planner
         self.caption_dropout = caption_dropout
         self.max_bad_in_a_row = max_bad_in_a_row
@@ -108,7 +111,8 @@ class MicroBatchBuilder(Dataset):
         except BadSample as exc:
             bad[exc.reason] += 1
             self._bad_in_a_row += 1
-            log.warning("skipping sample %s of %s: %s", entry.key, shard, exc)
+            if self.log_bad_samples:
+                log.warning("skipping sample %s of %s: %s", entry.key, shard, exc)
             if self._bad_in_a_row >= self.max_bad_in_a_row:
                 raise DatasetError(f"{self._bad_in_a_row} bad samples in a row, the last in shard {shard} "
                                    f"({exc}); data.max_bad_in_a_row={self.max_bad_in_a_row}") from None
@@ -138,7 +142,7 @@ def _worker_init(_worker_id: int) -> None:
 
 class LatentLoader:
     def __init__(self, dataset: LatentDataset, cfg: DataConfig, micro_batch_size: int, dp_rank: int, dp_size: int,
-                 microbatches_per_step: int = 1):
+                 microbatches_per_step: int = 1, log_bad_samples: bool = True):
         self.cfg = cfg
         self.dataset = dataset
         self.micro_batch_size, self.dp_rank, self.dp_size = micro_batch_size, dp_rank, dp_size
@@ -146,7 +150,8 @@ class LatentLoader:
         self.planner = EpochPlanner(dataset.sample_shard, dataset.sample_bucket, len(dataset.shards),
                                     micro_batch_size, dp_rank, dp_size, cfg.seed, cfg.resample, cfg.samples_per_epoch,
                                     split=cfg.split, microbatches_per_step=microbatches_per_step)
-        self.builder = MicroBatchBuilder(dataset, self.planner, cfg.caption_dropout, cfg.max_bad_in_a_row)
+        self.builder = MicroBatchBuilder(dataset, self.planner, cfg.caption_dropout, cfg.max_bad_in_a_row,
+                                         log_bad_samples)
         self._position = 0
         self._read_bad: Counter = Counter()
         self._iterator: Optional[Iterator[LatentBatch]] = None
@@ -252,25 +257,35 @@ class LatentLoader:
         self._read_bad = Counter(state.get("bad_samples", {})) if same_rank else Counter()
 
 
-def build_latent_loader(cfg: DataConfig, micro_batch_size: int, dp_rank: int, dp_size: int, *,
+def _is_rank_zero() -> bool:
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
+        torch.distributed.get_rank() == 0
+
+
+def build_latent_loader(cfg: DataConfig, micro_batch_size: int, dp_rank: int, dp_size: int, *, model=None,
                         latent_channels: Optional[int] = None, text_len: Optional[int] = None,
-                        text_dim: Optional[int] = None, microbatches_per_step: int = 1) -> LatentLoader:
+                        text_dim: Optional[int] = None, microbatches_per_step: int = 1,
+                        log_bad_samples: Optional[bool] = None) -> LatentLoader:
     """The loader of one data-parallel rank; pass the DP rank and size, never the global rank.
 
     ``microbatches_per_step``: micro-batches each rank takes per training step (gradient accumulation);
     with ``data.split = "global"`` it fixes which block of a global batch this rank gets.
 
-    ``latent_channels`` / ``text_len`` / ``text_dim``, when given (from the model config), are checked
-    against the dataset's manifest before anything is read.
+    ``model`` (a WanConfig / CogVideoXConfig), or ``latent_channels`` / ``text_len`` / ``text_dim``: checked
+    against the dataset's manifest before anything is read; a mismatch names the ``--model.*`` flags to set.
+
+    ``log_bad_samples``: whether this rank logs each bad sample it meets (all count them). The ranks of one
+    tensor/pipeline-parallel group read the same samples, so one of them should log: pass
+    ``tp_rank == 0 and pp_rank == 0``. Default: global rank 0 only. Problems that indexing finds (a
+    truncated shard) are the same on every rank and are logged by global rank 0.
     """
     if not isinstance(micro_batch_size, int) or micro_batch_size < 1:
         raise ValueError(f"micro_batch_size must be a positive integer, got {micro_batch_size!r}")
     if not isinstance(dp_size, int) or dp_size < 1 or not isinstance(dp_rank, int) or not 0 <= dp_rank < dp_size:
         raise ValueError(f"dp_rank={dp_rank!r} must be in [0, dp_size={dp_size!r})")
-    dataset = open_latent_dataset(cfg.shards, cfg.max_bad_in_a_row)
-    manifest = dataset.manifest
-    for name, expected in (("latent_channels", latent_channels), ("text_len", text_len), ("text_dim", text_dim)):
-        if expected is not None and getattr(manifest, name) != expected:
-            raise DatasetError(f"{dataset.manifest_dir}/{MANIFEST_NAME}: {name} is {getattr(manifest, name)}, "
-                               f"the model expects {expected}")
-    return LatentLoader(dataset, cfg, micro_batch_size, dp_rank, dp_size, microbatches_per_step)
+    rank_zero = _is_rank_zero()
+    dataset = open_latent_dataset(cfg.shards, cfg.max_bad_in_a_row, announce=rank_zero)
+    check_dataset_fits_model(dataset.manifest, f"{dataset.manifest_dir}/{MANIFEST_NAME}", model,
+                             latent_channels=latent_channels, text_len=text_len, text_dim=text_dim)
+    return LatentLoader(dataset, cfg, micro_batch_size, dp_rank, dp_size, microbatches_per_step,
+                        log_bad_samples=rank_zero if log_bad_samples is None else log_bad_samples)

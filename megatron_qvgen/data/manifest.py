@@ -34,6 +34,10 @@ class DatasetManifest:
     schema_version: int = SCHEMA_VERSION
     # Free-form facts for people (generator arguments, command line); never compared.
     info: Dict[str, Any] = field(default_factory=dict)
+    # Every setting that shaped the samples (frames, size, fps, text length, model files, dtypes, shard size):
+    # a writer adding to this directory refuses other settings. Not part of identity(): directories made
+    # with other settings (e.g. another resolution) can still be read together, bucketed by shape.
+    settings: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         for name in ("latent_channels", "text_len", "text_dim"):
@@ -48,6 +52,8 @@ class DatasetManifest:
         for name in ("vae", "text_encoder"):
             if not isinstance(getattr(self, name), dict) or not isinstance(getattr(self, name).get("name"), str):
                 raise ValueError(f"{name} must be an object with a 'name'")
+        if not isinstance(self.settings, dict):
+            raise ValueError(f"settings must be an object, got {self.settings!r}")
         if os.path.basename(self.empty_prompt) != self.empty_prompt:
             raise ValueError(f"empty_prompt must be a file name beside the manifest, got {self.empty_prompt!r}")
 
@@ -73,7 +79,7 @@ class DatasetManifest:
             "format": FORMAT, "schema_version": self.schema_version, "latent_channels": self.latent_channels,
             "text_len": self.text_len, "text_dim": self.text_dim, "vae": self.vae,
             "text_encoder": self.text_encoder, "latent_norm": self.latent_norm,
-            "empty_prompt": self.empty_prompt, "info": self.info,
+            "empty_prompt": self.empty_prompt, "info": self.info, "settings": self.settings,
         }, indent=2, sort_keys=True)
 
     @classmethod

@@ -46,8 +46,11 @@ class SampleReader:
             os.close(old)
         return fd
 
-    def read_bytes(self, path: str, offset: int, size: int, slot: Optional[str] = None):
-        """``size`` bytes at ``offset``; a writable buffer (reused per ``slot`` with reuse_buffers)."""
+    def read_bytes(self, path: str, offset: int, size: int, slot: Optional[str] = None, what: str = "a member"):
+        """``size`` bytes at ``offset``; a writable buffer (reused per ``slot`` with reuse_buffers).
+
+        ``what`` names the member in errors; a file too short for it is reported with its real size.
+        """
         if self._reuse and slot is not None:
             held = self._buffers.get(slot)
             if held is None or held.size < size:
@@ -56,17 +59,21 @@ class SampleReader:
         else:
             buf = bytearray(size)
         try:
-            got = os.preadv(self._fd(path), [buf], offset)
+            fd = self._fd(path)
+            got = os.preadv(fd, [buf], offset)
+            file_size = os.fstat(fd).st_size if got != size else None
         except OSError as exc:
             raise BadSample("unreadable", f"{path}: {exc}") from None
         if got != size:
-            raise BadSample("truncated", f"{path} ends at byte {offset + got}, a member needs {offset + size}")
+            raise BadSample("truncated", f"{path} is {file_size} bytes long, {what} ({size} bytes at byte {offset}) "
+                                         f"needs it to reach byte {offset + size}: the shard is truncated")
         return buf
 
     def read(self, shard: str, entry: SampleEntry, manifest: DatasetManifest) -> Sample:
         if entry.problem is not None:
             raise BadSample(*entry.problem)
-        members = {t: self.read_bytes(shard, off, n, slot=t) for t, (off, n) in entry.members.items()}
+        members = {t: self.read_bytes(shard, off, n, slot=t, what=f"{entry.key}.{t}")
+                   for t, (off, n) in entry.members.items()}
         return decode_sample(entry.key, members, manifest, entry.latent_shape)
 
     def close(self) -> None:

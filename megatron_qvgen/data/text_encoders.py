@@ -18,6 +18,8 @@ from typing import Any, Dict, List, Sequence
 
 import numpy as np
 
+from megatron_qvgen.config.errors import ConfigError
+
 PADDINGS = ("zeros", "encoder")
 TEXT_ENCODER_CLASSES = ("UMT5EncoderModel", "T5EncoderModel")
 
@@ -78,9 +80,9 @@ class PretrainedTextEncoder:
             with open(config_path) as f:
                 arch = (json.load(f).get("architectures") or [None])[0]
         except (OSError, ValueError) as exc:
-            raise ValueError(f"text encoder folder {encoder_dir} has no readable config.json: {exc}") from None
+            raise ConfigError(f"text encoder folder {encoder_dir} has no readable config.json: {exc}") from None
         if arch not in TEXT_ENCODER_CLASSES:
-            raise ValueError(f"{config_path}: text encoder class {arch!r} is not one of {TEXT_ENCODER_CLASSES}")
+            raise ConfigError(f"{config_path}: text encoder class {arch!r} is not one of {TEXT_ENCODER_CLASSES}")
         self.device = torch.device(device or "cpu")
         self.model = getattr(transformers, arch).from_pretrained(
             encoder_dir, use_safetensors=True, dtype=dtype or torch.float32).to(self.device).eval()

@@ -11,6 +11,7 @@ from typing import Any, Dict, Tuple
 
 import torch
 
+from megatron_qvgen.config.errors import ConfigError
 from megatron_qvgen.data.latent_norm import LatentNorm
 from megatron_qvgen.data.text_encoders import file_digest
 
@@ -26,9 +27,9 @@ class VideoVAE:
             with open(config_path) as f:
                 class_name = json.load(f).get("_class_name")
         except (OSError, ValueError) as exc:
-            raise ValueError(f"VAE folder {vae_dir} has no readable config.json: {exc}") from None
+            raise ConfigError(f"VAE folder {vae_dir} has no readable config.json: {exc}") from None
         if class_name not in SUPPORTED_VAES:
-            raise ValueError(f"{config_path}: VAE class {class_name!r} is not one of {SUPPORTED_VAES}")
+            raise ConfigError(f"{config_path}: VAE class {class_name!r} is not one of {SUPPORTED_VAES}")
         self.device = torch.device(device or "cpu")
         self.dtype = dtype
         self.model = getattr(diffusers, class_name).from_pretrained(vae_dir, use_safetensors=True, torch_dtype=dtype)
@@ -44,7 +45,7 @@ class VideoVAE:
             self.spatial_compression = 2 ** (len(cfg.dim_mult) - 1) * int(cfg.patch_size or 1)
             mean, std = list(cfg.latents_mean), list(cfg.latents_std)
             if len(mean) != self.latent_channels or len(std) != self.latent_channels:
-                raise ValueError(f"{config_path}: latents_mean/latents_std have {len(mean)}/{len(std)} values "
+                raise ConfigError(f"{config_path}: latents_mean/latents_std have {len(mean)}/{len(std)} values "
                                  f"for z_dim={self.latent_channels}")
             self.norm = LatentNorm("per_channel", mean=tuple(mean), std=tuple(std))
         else:
@@ -60,9 +61,9 @@ class VideoVAE:
     def check_video_shape(self, frames: int, height: int, width: int) -> None:
         t, s = self.temporal_compression, self.spatial_compression
         if (frames - 1) % t:
-            raise ValueError(f"{self.class_name} encodes 1 + {t}k frames, got {frames}")
+            raise ConfigError(f"{self.class_name} encodes 1 + {t}k frames, got {frames}")
         if height % s or width % s:
-            raise ValueError(f"{self.class_name} needs height and width divisible by {s}, got {height}x{width}")
+            raise ConfigError(f"{self.class_name} needs height and width divisible by {s}, got {height}x{width}")
 
     def latent_shape(self, frames: int, height: int, width: int) -> Tuple[int, int, int, int]:
         self.check_video_shape(frames, height, width)
