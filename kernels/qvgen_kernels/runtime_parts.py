@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import check_mode, default_mode
 from .format import ExportFormatError, QuantizationConfig, load_export
 from .linear import QuantizedLinear
 
@@ -103,8 +104,19 @@ class RuntimeTransformer(nn.Module):
                              f"{sorted(set(q.module_shapes) - expected)[:5]}")
 
     # ------------------------------------------------------------------ loading
+    attention_mode = "bf16"
+
+    def set_attention(self, mode: str) -> "RuntimeTransformer":
+        """``"bf16"`` (SDPA, diffusers' math) or ``"int8"`` (quantized attention, ``attention``) in every block."""
+        check_mode(mode)
+        for module in self.modules():
+            if hasattr(module, "attention_mode"):
+                module.attention_mode = mode
+        return self
+
     @classmethod
-    def from_export(cls, folder: os.PathLike, device: torch.device | str = "cpu"):
+    def from_export(cls, folder: os.PathLike, device: torch.device | str = "cpu", attention: Optional[str] = None):
+        """``attention``: ``"int8"`` or ``"bf16"``; None picks ``attention.default_mode(device)`` (int8 on sm_89+)."""
         export = load_export(folder)
         declared = export.transformer_config.get("_class_name")
         if declared is not None and declared != cls.CLASS_NAME:
@@ -115,7 +127,7 @@ class RuntimeTransformer(nn.Module):
             if isinstance(module, QuantizedLinear):
                 module.load_export(export.linears[name])
         model.load_plain_tensors(export.tensors)
-        return model.to(device)
+        return model.set_attention(attention or default_mode(device)).to(device)
 
     @classmethod
     def from_state_dict(cls, config: Mapping, state_dict: Mapping[str, torch.Tensor],

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import codes
+from .attention import QKPrep, attention, triton_usable
 from .context import timestep_groups
 from .format import QuantizationConfig
 from .runtime_parts import (RuntimeConfig, RuntimeTransformer, apply_interleaved_rope, fp32_layer_norm,
@@ -58,19 +59,29 @@ class _Attention(nn.Module):
         self.to_out = nn.ModuleList([runtime_linear(f"{prefix}.to_out.0", dim, dim, quant, dtype)])
         self.norm_q = nn.RMSNorm(dim, eps=eps, dtype=dtype)
         self.norm_k = nn.RMSNorm(dim, eps=eps, dtype=dtype)
+        self.attention_mode = "bf16"
 
-    def forward(self, x, context=None, rope=None):
+    def attend(self, x, context=None, rope=None):
+        """Projections, q/k norm, RoPE and attention: [B, S, heads * head_dim] in the model dtype."""
         context = x if context is None else context
+        dtype = self.norm_q.weight.dtype
+        q = run_linear(self.to_q, x).to(dtype).unflatten(2, (self.heads, -1))
+        k = run_linear(self.to_k, context).to(dtype).unflatten(2, (self.heads, -1))
+        v = run_linear(self.to_v, context).to(dtype).unflatten(2, (self.heads, -1))
+        if self.attention_mode == "int8" and triton_usable(q):
+            from .attention_triton import quantized_attention_triton     # norm and RoPE fused into quantization
+            cos, sin = rope if rope is not None else (None, None)
+            prep = [QKPrep("rms_row", norm.weight, eps=norm.eps, cos=cos, sin=sin) for norm in (self.norm_q, self.norm_k)]
+            return quantized_attention_triton(q, k, v, *prep).flatten(2, 3)
         # q/k RMSNorm over all heads (diffusers: torch.nn.RMSNorm in the activation dtype)
-        q = self.norm_q(run_linear(self.to_q, x).to(self.norm_q.weight.dtype))
-        k = self.norm_k(run_linear(self.to_k, context).to(self.norm_k.weight.dtype))
-        v = run_linear(self.to_v, context).to(q.dtype)
-        q, k, v = (t.unflatten(2, (self.heads, -1)) for t in (q, k, v))
+        q = self.norm_q(q.flatten(2, 3)).unflatten(2, (self.heads, -1))
+        k = self.norm_k(k.flatten(2, 3)).unflatten(2, (self.heads, -1))
         if rope is not None:
             q, k = apply_interleaved_rope(q, *rope), apply_interleaved_rope(k, *rope)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        out = out.transpose(1, 2).flatten(2, 3).type_as(q)
-        return run_linear(self.to_out[0], out)
+        return attention(q, k, v, self.attention_mode).flatten(2, 3).type_as(q)
+
+    def forward(self, x, context=None, rope=None):
+        return run_linear(self.to_out[0], self.attend(x, context, rope))
 
 
 class _FeedForward(nn.Module):
