@@ -1,5 +1,5 @@
-"""The runtime transformers with the Triton quantized attention (q/k norm and RoPE fused into its quantization)
-against the same models on the torch path of the quantized attention and on bf16 (SDPA) attention.
+"""The runtime transformers on the Triton path: the quantized attention (q/k norm and RoPE fused into its
+quantization) against the torch path and bf16 attention; Wan's fused block against its unfused form; CUDA graphs.
 
 CPU: Triton's interpreter (run by tests/test_kernels_interpreter.py), tiny configs with a head dim the kernel has.
 """
@@ -20,8 +20,9 @@ if not torch.cuda.is_available() and not interpreter_active():
 diffusers = pytest.importorskip("diffusers")
 from diffusers import CogVideoXTransformer3DModel, WanTransformer3DModel  # noqa: E402
 
-from qvgen_kernels import cogvideox_model, wan_model  # noqa: E402
+from qvgen_kernels import cogvideox_model, norm_quant_triton, wan_model  # noqa: E402
 from qvgen_kernels.cogvideox_model import CogVideoXRuntimeTransformer  # noqa: E402
+from qvgen_kernels.linear import QuantizedLinear  # noqa: E402
 from qvgen_kernels.wan_model import WanRuntimeTransformer  # noqa: E402
 from tests.numerics import max_rel_diff  # noqa: E402
 
@@ -76,3 +77,59 @@ def test_cogvideox_fused_path_matches_the_torch_path(monkeypatch):
     out = _outputs(model, lambda m: m(x, text, t, return_dict=False)[0], cogvideox_model, monkeypatch)
     assert max_rel_diff(out["triton"], out["torch"]) <= 2e-2
     assert 0 < max_rel_diff(out["triton"], out["bf16"]) <= 5e-2
+
+
+def _tiny_w4a4_wan(tmp_path):
+    from tests.test_runtime_wan import _export_tiny
+    torch.manual_seed(0)
+    ref = WanTransformer3DModel(**WAN).eval()
+    _export_tiny(ref, tmp_path)
+    model = WanRuntimeTransformer.from_export(tmp_path, DEVICE, attention="bf16")
+    for m in model.modules():
+        if isinstance(m, QuantizedLinear):
+            m.backend = "triton"                  # the interpreter too (auto picks Triton on CUDA tensors only)
+    return model
+
+
+def _wan_inputs():
+    gen = torch.Generator().manual_seed(3)
+    return (torch.randn(2, 4, 3, 8, 8, generator=gen).to(DEVICE), torch.tensor([999.0, 321.5], device=DEVICE),
+            torch.randn(2, 7, 16, generator=gen).to(DEVICE))
+
+
+def test_wan_fused_block_matches_the_unfused_block(tmp_path, monkeypatch):
+    """W4A4 export: norm + modulation + codes in one kernel, residual and GELU in the GEMM epilogues, against the
+    same export with every element-wise step apart (both on the Triton kernels)."""
+    model = _tiny_w4a4_wan(tmp_path)
+    calls = []
+    real = norm_quant_triton.norm_quantize_triton
+    monkeypatch.setattr(norm_quant_triton, "norm_quantize_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    inputs = _wan_inputs()
+    with torch.no_grad():
+        unfused = model.set_fusion(False)(*inputs, return_dict=False)[0]
+        assert not calls
+        fused = model.set_fusion(True)(*inputs, return_dict=False)[0]
+    assert len(calls) == 3 * WAN["num_layers"]              # q/k/v, cross-attention q, FFN up: per block
+    if DEVICE == "cpu":     # the interpreter's layer norm and tanh round as torch's CPU kernels here
+        assert torch.equal(fused, unfused)
+    else:                   # a GPU's fused GELU / mean may differ in a last float32 bit: a rare flipped code
+        assert max_rel_diff(fused, unfused) <= 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("attention", ["bf16", "int8"])
+def test_cuda_graph_replays_the_forward(tmp_path, attention):
+    model = _tiny_w4a4_wan(tmp_path).set_attention(attention)
+    x, t, text = _wan_inputs()
+    with torch.no_grad():
+        eager = model(x, t, text, return_dict=False)[0]
+        model.enable_cuda_graphs()
+        first = model(x, t, text, return_dict=False)[0]             # captures
+        other_t = model(x, t - 100.0, text, return_dict=False)[0]   # replays with other timesteps (other groups)
+        again = model(x, t, text, return_dict=False)[0]
+        model.enable_cuda_graphs(False)
+        eager_other = model(x, t - 100.0, text, return_dict=False)[0]
+    assert len(model._graphed.graphs if model._graphed else [1]) == 1
+    assert torch.equal(first, again) and max_rel_diff(first, eager) <= 1e-2
+    assert max_rel_diff(other_t, eager_other) <= 1e-2 and (other_t - first).abs().max() > 0

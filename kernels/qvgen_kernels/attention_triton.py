@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .act_quant_triton import round_half_even
+from .act_quant_triton import cast_rn, round_half_even
 from .triton_env import interpreter_requested
 from .attention import HEAD_DIMS, LOG2_P_SCALE, LOG2E, P_SCALE, PV_DTYPES, V_SCALE_FLOOR, QKPrep
 
@@ -335,7 +335,7 @@ def _attention_kernel(q_desc, k_desc, v_desc, q_scale_ptr, k_scale_ptr, v_scale_
     b = bh // H
     h = bh % H
     o = o_ptr + b.to(tl.int64) * stride_ob + offs_m.to(tl.int64)[:, None] * stride_os + h * stride_oh + d[None, :]
-    tl.store(o, out.to(o_ptr.dtype.element_ty), mask=m_ok[:, None])
+    tl.store(o, cast_rn(out, o_ptr.dtype.element_ty, EXACT_FP8), mask=m_ok[:, None])
 
 
 def quantized_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_prep: Optional[QKPrep] = None,

@@ -292,11 +292,15 @@ class CogVideoXRuntimeTransformer(RuntimeTransformer):
         grid = self._check_inputs(hidden_states, encoder_hidden_states, timestep_cond, ofs, attention_kwargs)
         batch, device, dtype = hidden_states.shape[0], hidden_states.device, self.dtype
         timestep = torch.as_tensor(timestep, device=device).reshape(-1)
+        graphed = self.graphed(hidden_states)
+        if graphed is not None:
+            return graphed(hidden_states, encoder_hidden_states, timestep, None, None, image_rotary_emb, None,
+                           return_dict)
         if timestep.numel() == 1:
             timestep = timestep.expand(batch)
         if timestep.numel() != batch:
             raise ValueError(f"timestep must hold one value per sample (got {timestep.numel()} for {batch})")
-        groups = codes.timestep_group(timestep.detach().cpu(), self.timestep_group_count())
+        groups = codes.timestep_group(timestep.detach(), self.timestep_group_count())    # on the device: no sync
         text_len = encoder_hidden_states.shape[1]
         rope = None
         if image_rotary_emb is not None or cfg.use_rotary_positional_embeddings:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import check_mode, default_mode
+from .cuda_graph import GraphedCall
 from .format import ExportFormatError, QuantizationConfig, load_export
 from .linear import QuantizedLinear
 
@@ -113,6 +114,24 @@ class RuntimeTransformer(nn.Module):
             if hasattr(module, "attention_mode"):
                 module.attention_mode = mode
         return self
+
+    def set_fusion(self, enabled: bool = True) -> "RuntimeTransformer":
+        """Whether blocks take their fused path (norm + quantization in one kernel, epilogues in the GEMMs) where
+        it applies (quantized linears on the Triton kernels); off: the same math in separate passes."""
+        for module in self.modules():
+            if hasattr(module, "fuse"):
+                module.fuse = bool(enabled)
+        return self
+
+    def enable_cuda_graphs(self, enabled: bool = True) -> "RuntimeTransformer":
+        """Replay each forward on CUDA inputs as a CUDA graph captured per input shape (``cuda_graph``)."""
+        self._graphed = GraphedCall(self.forward) if enabled else None
+        return self
+
+    def graphed(self, hidden_states: torch.Tensor) -> Optional[GraphedCall]:
+        """The graph wrapper to route this call through, or None to run the forward directly."""
+        g = getattr(self, "_graphed", None)
+        return g if g is not None and not g.active and hidden_states.is_cuda else None
 
     @classmethod
     def from_export(cls, folder: os.PathLike, device: torch.device | str = "cpu", attention: Optional[str] = None):
