@@ -248,11 +248,14 @@ def _v_pass_kernel(v_ptr, vt_ptr, inv_ptr, S, S_PAD, stride_b, stride_s, stride_
     x = tl.load(v_ptr + b.to(tl.int64) * stride_b + rows.to(tl.int64)[:, None] * stride_s + h * stride_h + d[None, :],
                 mask=(rows < S)[:, None], other=0.0).to(tl.float32)
     if FP8:
-        y = _to_fp8(x * tl.load(inv_ptr + bh * D + d)[None, :], EXACT_FP8)
+        x = x * tl.load(inv_ptr + bh * D + d)[None, :]
+    xt = tl.trans(x)                                   # [D, BLK]: stored sequence-contiguous
+    if FP8:
+        y = _to_fp8(xt, EXACT_FP8)
     else:
-        y = x.to(tl.float16)
+        y = xt.to(tl.float16)
     out = vt_ptr + (bh.to(tl.int64) * D + d)[:, None] * S_PAD + rows[None, :]
-    tl.store(out, tl.trans(y), mask=(rows < S_PAD)[None, :])
+    tl.store(out, y, mask=(rows < S_PAD)[None, :])
 
 
 def quantize_v(v: torch.Tensor, pv: str = "fp8"):
@@ -338,14 +341,20 @@ def _attention_kernel(q_desc, k_desc, v_desc, q_scale_ptr, k_scale_ptr, v_scale_
     tl.store(o, cast_rn(out, o_ptr.dtype.element_ty, EXACT_FP8), mask=m_ok[:, None])
 
 
-def quantized_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_prep: Optional[QKPrep] = None,
-                               k_prep: Optional[QKPrep] = None, config: Optional[AttentionConfig] = None,
-                               out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Non-causal quantized attention: q [B, Sq, H, D], k/v [B, Sk, H, D] (channels contiguous, any other strides,
-    e.g. views of the projections' [B, S, H * D] outputs) -> [B, Sq, H, D] (``out``, or new, in q's dtype).
+@dataclass
+class QuantizedQKV:
+    """The attention kernel's operands: codes and scales of Q, K (smoothed) and Vᵀ, and the block size of K's."""
+    q_codes: torch.Tensor
+    q_scale: torch.Tensor
+    k_codes: torch.Tensor
+    k_scale: torch.Tensor
+    vt: torch.Tensor
+    v_scale: torch.Tensor
+    block_n: int
 
-    ``q_prep``/``k_prep``: the norm and rotary embedding to apply first (fused into the quantization passes).
-    """
+
+def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_prep: Optional[QKPrep] = None,
+                 k_prep: Optional[QKPrep] = None, config: Optional[AttentionConfig] = None) -> QuantizedQKV:
     for t, name in ((q, "q"), (k, "k"), (v, "v")):
         _check_layout(t, name)
     B, SQ, H, D = q.shape
@@ -358,20 +367,42 @@ def quantized_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     q_codes, q_scale = quantize_q(q, q_prep)
     k_codes, k_scale, _ = quantize_k(k, cfg.block_n, k_prep)
     vt, v_scale = quantize_v(v, cfg.pv)
-    if out is None:
-        out = torch.empty(B, SQ, H, D, dtype=q.dtype, device=q.device)
-    elif out.shape != (B, SQ, H, D) or out.stride(-1) != 1:
+    return QuantizedQKV(q_codes, q_scale, k_codes, k_scale, vt, v_scale, cfg.block_n)
+
+
+def attention_from_codes(qkv: QuantizedQKV, out: torch.Tensor, config: Optional[AttentionConfig] = None) -> torch.Tensor:
+    """The attention kernel alone on quantized operands; ``out`` [B, Sq, H, D] (channels contiguous)."""
+    B, H, SQ, D = qkv.q_codes.shape
+    SK = qkv.k_codes.shape[2]
+    cfg = config or default_config(D)
+    if cfg.block_n != qkv.block_n or (cfg.pv == "fp8") != (qkv.vt.dtype == torch.float8_e4m3fn):
+        raise ValueError(f"K was quantized in blocks of {qkv.block_n} and V as {qkv.vt.dtype}; the config says "
+                         f"block_n={cfg.block_n}, pv={cfg.pv}")
+    if out.shape != (B, SQ, H, D) or out.stride(-1) != 1:
         raise ValueError(f"out must be [B, Sq, H, D] = {[B, SQ, H, D]} with contiguous channels")
     if SQ == 0:
         return out
-    s_pad = vt.shape[-1]
-    q_desc = TensorDescriptor(q_codes, [B * H * SQ, D], [D, 1], [cfg.block_m, D])
-    k_desc = TensorDescriptor(k_codes, [B * H * SK, D], [D, 1], [cfg.block_n, D])
-    v_desc = TensorDescriptor(vt, [B * H * D, s_pad], [s_pad, 1], [D, cfg.block_n])
+    s_pad = qkv.vt.shape[-1]
+    q_desc = TensorDescriptor(qkv.q_codes, [B * H * SQ, D], [D, 1], [cfg.block_m, D])
+    k_desc = TensorDescriptor(qkv.k_codes, [B * H * SK, D], [D, 1], [cfg.block_n, D])
+    v_desc = TensorDescriptor(qkv.vt, [B * H * D, s_pad], [s_pad, 1], [D, cfg.block_n])
     grid = (triton.cdiv(SQ, cfg.block_m), B * H)
-    _attention_kernel[grid](q_desc, k_desc, v_desc, q_scale, k_scale, v_scale, out, SQ,
+    _attention_kernel[grid](q_desc, k_desc, v_desc, qkv.q_scale, qkv.k_scale, qkv.v_scale, out, SQ,
                             out.stride(0), out.stride(1), out.stride(2), H=H, SK=SK, D=D, BLOCK_M=cfg.block_m,
                             BLOCK_N=cfg.block_n, PV_FP8=cfg.pv == "fp8", LOG2_P=LOG2_P_SCALE,
                             EXACT_FP8=interpreter_requested(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
+
+def quantized_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_prep: Optional[QKPrep] = None,
+                               k_prep: Optional[QKPrep] = None, config: Optional[AttentionConfig] = None,
+                               out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Non-causal quantized attention: q [B, Sq, H, D], k/v [B, Sk, H, D] (channels contiguous, any other strides,
+    e.g. views of the projections' [B, S, H * D] outputs) -> [B, Sq, H, D] (``out``, or new, in q's dtype).
+
+    ``q_prep``/``k_prep``: the norm and rotary embedding to apply first (fused into the quantization passes).
+    """
+    qkv = quantize_qkv(q, k, v, q_prep, k_prep, config)
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    return attention_from_codes(qkv, out, config)
