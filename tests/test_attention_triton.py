@@ -93,7 +93,7 @@ def test_fused_rms_norm_and_rope_match_torch():
     B, S, H, D = 2, 48, 2, 64
     q, k, v = (t.to(DEVICE) * 3 for t in qkv(B, S, S, H, D, seed=11))
     gen = torch.Generator().manual_seed(12)
-    wq, wk = (1 + 0.3 * torch.randn(H * D, generator=gen)).to(DEVICE), (1 + 0.3 * torch.randn(H * D, generator=gen)).to(DEVICE)
+    wq, wk = ((1 + 0.3 * torch.randn(H * D, generator=gen)).to(DEVICE) for _ in range(2))
     cos, sin = (t.to(DEVICE) for t in _rope_tables(S, D, 13))
     got = quantized_attention_triton(q, k, v, QKPrep("rms_row", wq, cos=cos, sin=sin),
                                      QKPrep("rms_row", wk, cos=cos, sin=sin), config=small(16))

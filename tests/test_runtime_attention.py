@@ -56,25 +56,21 @@ def _outputs(model, call, module, monkeypatch):
     return out
 
 
-def test_wan_fused_path_matches_the_torch_path(monkeypatch):
-    model = _runtime(WanTransformer3DModel, WanRuntimeTransformer, WAN)
+@pytest.mark.parametrize("family", ["wan", "cogvideox_5b"])
+def test_fused_attention_path_matches_the_torch_path(family, monkeypatch):
+    """Wan: RMSNorm across heads + RoPE. CogVideoX-5B: per-head LayerNorm, RoPE on the video tokens after the text."""
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 4, 3, 8, 8, generator=gen).to(DEVICE)
-    text = torch.randn(2, 7, 16, generator=gen).to(DEVICE)
     t = torch.tensor([999.0, 321.5], device=DEVICE)
-    out = _outputs(model, lambda m: m(x, t, text, return_dict=False)[0], wan_model, monkeypatch)
-    assert max_rel_diff(out["triton"], out["torch"]) <= 2e-2
-    assert 0 < max_rel_diff(out["triton"], out["bf16"]) <= 5e-2
-
-
-def test_cogvideox_fused_path_matches_the_torch_path(monkeypatch):
-    """5B style: per-head LayerNorm and RoPE on the video tokens only (the text comes first)."""
-    model = _runtime(CogVideoXTransformer3DModel, CogVideoXRuntimeTransformer, COGVIDEOX_5B)
-    gen = torch.Generator().manual_seed(2)
-    x = torch.randn(2, 2, 4, 8, 8, generator=gen).to(DEVICE)
-    text = torch.randn(2, 8, 16, generator=gen).to(DEVICE)
-    t = torch.tensor([999.0, 321.5], device=DEVICE)
-    out = _outputs(model, lambda m: m(x, text, t, return_dict=False)[0], cogvideox_model, monkeypatch)
+    if family == "wan":
+        model, module = _runtime(WanTransformer3DModel, WanRuntimeTransformer, WAN), wan_model
+        x, text = torch.randn(2, 4, 3, 8, 8, generator=gen).to(DEVICE), torch.randn(2, 7, 16, generator=gen).to(DEVICE)
+        call = lambda m: m(x, t, text, return_dict=False)[0]            # noqa: E731
+    else:
+        model = _runtime(CogVideoXTransformer3DModel, CogVideoXRuntimeTransformer, COGVIDEOX_5B)
+        module = cogvideox_model
+        x, text = torch.randn(2, 2, 4, 8, 8, generator=gen).to(DEVICE), torch.randn(2, 8, 16, generator=gen).to(DEVICE)
+        call = lambda m: m(x, text, t, return_dict=False)[0]            # noqa: E731
+    out = _outputs(model, call, module, monkeypatch)
     assert max_rel_diff(out["triton"], out["torch"]) <= 2e-2
     assert 0 < max_rel_diff(out["triton"], out["bf16"]) <= 5e-2
 

@@ -265,7 +265,8 @@ def quantize_v(v: torch.Tensor, pv: str = "fp8"):
     B, S, H, D = v.shape
     s_pad = triton.cdiv(S, 16) * 16
     if pv == "fp8":
-        scale = (torch.linalg.vector_norm(v, float("inf"), dim=1).float() / P_SCALE).clamp_min(V_SCALE_FLOOR).contiguous()   # [B, H, D]
+        amax = torch.linalg.vector_norm(v, float("inf"), dim=1).float()                  # [B, H, D], one read
+        scale = (amax / P_SCALE).clamp_min(V_SCALE_FLOOR).contiguous()
         inv = 1.0 / scale
         dtype = torch.float8_e4m3fn
     else:
@@ -370,7 +371,8 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_prep: Opti
     return QuantizedQKV(q_codes, q_scale, k_codes, k_scale, vt, v_scale, cfg.block_n)
 
 
-def attention_from_codes(qkv: QuantizedQKV, out: torch.Tensor, config: Optional[AttentionConfig] = None) -> torch.Tensor:
+def attention_from_codes(qkv: QuantizedQKV, out: torch.Tensor,
+                         config: Optional[AttentionConfig] = None) -> torch.Tensor:
     """The attention kernel alone on quantized operands; ``out`` [B, Sq, H, D] (channels contiguous)."""
     B, H, SQ, D = qkv.q_codes.shape
     SK = qkv.k_codes.shape[2]

@@ -57,7 +57,8 @@ def norm_modulate_torch(x: torch.Tensor, spec: NormSpec, rows_per_sample: int) -
     b = spec.bias.float() if spec.bias is not None else None
     h = F.layer_norm(x.float(), (K,), w, b, spec.eps)
     if spec.scale is not None:
-        h = h * (1 + spec.scale.repeat_interleave(rows_per_sample, 0)) + spec.shift.repeat_interleave(rows_per_sample, 0)
+        scale, shift = (t.repeat_interleave(rows_per_sample, 0) for t in (spec.scale, spec.shift))
+        h = h * (1 + scale) + shift
     return h.to(x.dtype)
 
 

@@ -77,7 +77,8 @@ class _Attention(nn.Module):
         if self.attention_mode == "int8" and triton_usable(q):
             from .attention_triton import quantized_attention_triton     # norm and RoPE fused into quantization
             cos, sin = rope if rope is not None else (None, None)
-            prep = [QKPrep("rms_row", norm.weight, eps=norm.eps, cos=cos, sin=sin) for norm in (self.norm_q, self.norm_k)]
+            prep = [QKPrep("rms_row", norm.weight, eps=norm.eps, cos=cos, sin=sin)
+                    for norm in (self.norm_q, self.norm_k)]
             return quantized_attention_triton(q, k, v, *prep).flatten(2, 3)
         # q/k RMSNorm over all heads (diffusers: torch.nn.RMSNorm in the activation dtype)
         q = self.norm_q(q.flatten(2, 3)).unflatten(2, (self.heads, -1))
