@@ -106,10 +106,11 @@ def test_export_matches_fake_quantized_diffusers(tmp_path, style, bits):
     assert (other - got).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("style", ["2b", "5b"])
-def test_serves_as_cogvideox_pipeline_transformer(tmp_path, style):
+@pytest.mark.parametrize("style, attention", [("2b", "bf16"), ("5b", "bf16"), ("2b", "int8"), ("5b", "int8")])
+def test_serves_as_cogvideox_pipeline_transformer(tmp_path, style, attention):
     _export_tiny(_diffusers_model(CONFIGS[style]), tmp_path)
-    runtime = CogVideoXRuntimeTransformer.from_export(tmp_path)
+    runtime = CogVideoXRuntimeTransformer.from_export(tmp_path, attention=attention)
+    assert runtime.transformer_blocks[1].attn1.attention_mode == attention
     calls = []
     runtime.register_forward_pre_hook(lambda m, args, kwargs: calls.append(kwargs), with_kwargs=True)
     recorded_groups = []

@@ -123,24 +123,59 @@ def test_export_matches_fake_quantized_diffusers(tmp_path, bits):
     assert (other - got).abs().max() > 1e-3
 
 
-def test_serves_as_wan_pipeline_transformer(tmp_path):
+def _sample(runtime, steps=3, seed=0):
+    """WanPipeline with the runtime as its transformer, classifier-free guidance, latents out."""
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=runtime,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+    pipe.set_progress_bar_config(disable=True)
+    gen = torch.Generator().manual_seed(seed)
+    return pipe(prompt_embeds=torch.randn(1, 7, 16, generator=gen),
+                negative_prompt_embeds=torch.randn(1, 7, 16, generator=gen), height=32, width=32, num_frames=5,
+                num_inference_steps=steps, guidance_scale=5.0, output_type="latent", generator=gen).frames
+
+
+@pytest.mark.parametrize("attention", ["bf16", "int8"])
+def test_serves_as_wan_pipeline_transformer(tmp_path, attention):
     _export_tiny(_diffusers_model(), tmp_path)
-    runtime = WanRuntimeTransformer.from_export(tmp_path)
+    runtime = WanRuntimeTransformer.from_export(tmp_path, attention=attention)
+    assert runtime.blocks[1].attn2.attention_mode == attention
     seen = []
     runtime.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["timestep"].clone()), with_kwargs=True)
     recorded_groups = []
     for block in runtime.blocks[:1]:
         block.attn1.to_q.register_forward_pre_hook(lambda m, args: recorded_groups.append(current_timestep_groups()))
-    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=runtime,
-                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
-    gen = torch.Generator().manual_seed(0)
-    out = pipe(prompt_embeds=torch.randn(1, 7, 16, generator=gen), negative_prompt_embeds=torch.randn(1, 7, 16, generator=gen),
-               height=32, width=32, num_frames=5, num_inference_steps=3, guidance_scale=5.0, output_type="latent",
-               generator=gen).frames
+    out = _sample(runtime)
     assert out.shape == (1, 4, 2, 4, 4) and torch.isfinite(out.float()).all()
     assert len(seen) == 6                                       # 3 steps x (cond, uncond)
     for t, groups in zip(seen, recorded_groups):
         assert torch.equal(groups.cpu(), codes.timestep_group(t.cpu(), GROUPS))
+
+
+def _rel_l2(a, b) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def test_quantized_attention_keeps_the_sampled_latent(tmp_path):
+    """Quality row (CPU, tiny models): final latent of a 20-step sampling run, int8 attention (torch path) vs bf16.
+
+    The W4A4 export of a tiny random model amplifies any perturbation (a flipped 4-bit activation code moves the
+    next layer's input by a whole step): there the int8 attention must stay within the spread that running the same
+    export in bfloat16 instead of float32 already causes. Without weight/activation quantization the int8 attention
+    itself is measured: <= 2%.
+    """
+    _export_tiny(_diffusers_model(), tmp_path)
+    export = {mode: _sample(WanRuntimeTransformer.from_export(tmp_path, attention=mode), steps=20)
+              for mode in ("bf16", "int8")}
+    in_fp32 = _sample(WanRuntimeTransformer.from_export(tmp_path, attention="bf16").float(), steps=20)
+    rel_attention, rel_precision = _rel_l2(export["int8"], export["bf16"]), _rel_l2(export["bf16"], in_fp32)
+    model = _diffusers_model()
+    plain = {mode: _sample(WanRuntimeTransformer.from_state_dict(model.config, model.state_dict()).set_attention(mode),
+                           steps=20) for mode in ("bf16", "int8")}
+    rel_plain = _rel_l2(plain["int8"], plain["bf16"])
+    print(f"20 steps, final latent rel L2: W4A4 export int8 vs bf16 attention {rel_attention:.2e} (bf16 vs fp32 "
+          f"compute {rel_precision:.2e}); unquantized bf16 model int8 vs bf16 attention {rel_plain:.2e}")
+    assert 0 < rel_attention <= 1.5 * rel_precision
+    assert 0 < rel_plain <= 0.02
 
 
 def test_rejects_what_it_does_not_run(tmp_path):

@@ -46,7 +46,8 @@ def sync():
 def build(model_cls, cfg: dict, quantized: bool):
     """A runtime model with random weights; the quantized one gets random packed codes, scales and zero points."""
     torch.manual_seed(0)
-    plain = model_cls(cfg, None).to(DEVICE)
+    with torch.device(DEVICE):             # parameters and buffers made on the device (fast for 1B+ models)
+        plain = model_cls(cfg, None)
     for p in plain.parameters():
         p.normal_(0, 0.02)
     if not quantized:
@@ -54,7 +55,8 @@ def build(model_cls, cfg: dict, quantized: bool):
     shapes = {n: (m.out_features, m.in_features) for n, m in plain.named_modules() if isinstance(m, torch.nn.Linear)}
     quant = QuantizationConfig(weight_bits=4, act_bits=4, act_clip_ratio=0.95, num_timestep_groups=50,
                                module_shapes=shapes)
-    model = model_cls(cfg, quant).to(DEVICE)
+    with torch.device(DEVICE):
+        model = model_cls(cfg, quant)
     for m in model.modules():
         if isinstance(m, QuantizedLinear):
             m.weight_codes.copy_(torch.randint(0, 256, m.weight_codes.shape, dtype=torch.uint8, device=DEVICE))
@@ -106,6 +108,12 @@ def family(kernel: str) -> str:
         return "w4a4 gemm"
     if k.startswith("_act_quant"):
         return "act quant"
+    if k.startswith("_norm_quant"):
+        return "norm + act quant"
+    if k.startswith("_attention_kernel"):
+        return "int8 attention"
+    if k.startswith("_qk_pass") or k.startswith("_v_pass"):
+        return "attention quant"
     if k.startswith("_unpack_kernel"):
         return "weight unpack"
     if any(s in k for s in ("flash", "fmha", "attention", "sdpa", "cudnn")):

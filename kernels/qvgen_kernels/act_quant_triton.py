@@ -37,6 +37,16 @@ def round_half_even(v):
 
 
 @triton.jit
+def cast_rn(x, dtype: tl.constexpr, EXACT: tl.constexpr):
+    """float32 -> ``dtype`` rounded to nearest even. Compiled casts round so; Triton 3.6's interpreter truncates
+    float32 -> bfloat16, so there (EXACT) the 16 low bits are rounded off first."""
+    if EXACT and dtype == tl.bfloat16:
+        bits = x.to(tl.int32, bitcast=True)
+        x = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
 def divide_exact(x, s, r, FMA_DIV: tl.constexpr):
     """IEEE round-to-nearest ``x / s`` (what torch computes), ``s > 0`` with ``r = RN(1 / s)`` per row.
 
@@ -54,6 +64,33 @@ def divide_exact(x, s, r, FMA_DIV: tl.constexpr):
         return tl.where(tl.abs(q0) < 4194304.0, q, q0)
     else:
         return tl.math.div_rn(x, s)
+
+
+@triton.jit
+def act_qparams(rmin, rmax, g, clip_lo_ptr, clip_hi_ptr, clip_ratio, qmax, inv_qmax, RECIPROCAL: tl.constexpr,
+                FMA_DIV: tl.constexpr):
+    """Per-row scale, its reciprocal and the zero point from the row min / max and the row's timestep group."""
+    # codes.act_clip_range: lo = a_lo * (rowmin * c), hi = a_hi * (rowmax * c)
+    lo = tl.load(clip_lo_ptr + g) * (rmin * clip_ratio)
+    hi = tl.load(clip_hi_ptr + g) * (rmax * clip_ratio)
+    # codes.act_qparams: s = max((hi - lo) / qmax, eps), z = clamp(-round(lo / s), 0, qmax)
+    if RECIPROCAL:
+        scale = (hi - lo) * inv_qmax
+    else:
+        scale = tl.math.div_rn(hi - lo, qmax)
+    scale = tl.maximum(scale, 1e-9)
+    recip = tl.math.div_rn(1.0, scale)
+    zero = tl.minimum(tl.maximum(-round_half_even(divide_exact(lo, scale, recip, FMA_DIV)), 0.0), qmax)
+    return scale, recip, zero
+
+
+@triton.jit
+def act_codes(x, s2, r2, z2, qmax, FMA_DIV: tl.constexpr):
+    """codes.act_codes: q = clamp(round(x / s) + z, 0, qmax), as float and as int32."""
+    q = tl.minimum(tl.maximum(round_half_even(divide_exact(x, s2, r2, FMA_DIV)) + z2, 0.0), qmax)
+    # integer value of q in [0, 255] without a float-to-int conversion: the low mantissa bits of q + 2**23
+    qi = (q + 8388608.0).to(tl.int32, bitcast=True) - 0x4B000000
+    return q, qi
 
 
 @triton.jit(do_not_specialize=["M", "rows_per_sample"])
@@ -83,19 +120,9 @@ def _act_quant_kernel(x_ptr, codes_ptr, scale_ptr, zero_ptr, rowsum_ptr, group_p
             vmax = tl.maximum(vmax, tl.where(k_ok, x, float("-inf")))
     rmin = tl.min(vmin, axis=1)
     rmax = tl.max(vmax, axis=1)
-
-    # codes.act_clip_range: lo = a_lo * (rowmin * c), hi = a_hi * (rowmax * c)
     g = tl.load(group_ptr + rows // rows_per_sample)
-    lo = tl.load(clip_lo_ptr + g) * (rmin * clip_ratio)
-    hi = tl.load(clip_hi_ptr + g) * (rmax * clip_ratio)
-    # codes.act_qparams: s = max((hi - lo) / qmax, eps), z = clamp(-round(lo / s), 0, qmax)
-    if RECIPROCAL:
-        scale = (hi - lo) * inv_qmax
-    else:
-        scale = tl.math.div_rn(hi - lo, qmax)
-    scale = tl.maximum(scale, 1e-9)
-    recip = tl.math.div_rn(1.0, scale)
-    zero = tl.minimum(tl.maximum(-round_half_even(divide_exact(lo, scale, recip, FMA_DIV)), 0.0), qmax)
+    scale, recip, zero = act_qparams(rmin, rmax, g, clip_lo_ptr, clip_hi_ptr, clip_ratio, qmax, inv_qmax,
+                                     RECIPROCAL, FMA_DIV)
     tl.store(scale_ptr + rows, scale, mask=row_ok)
     tl.store(zero_ptr + rows, zero, mask=row_ok)
 
@@ -111,9 +138,7 @@ def _act_quant_kernel(x_ptr, codes_ptr, scale_ptr, zero_ptr, rowsum_ptr, group_p
         else:
             k_ok = row_ok[:, None] & ((k0 + offs[None, :]) < K)
             x = tl.load(x_rows + k0 + offs[None, :], mask=k_ok, other=0.0).to(tl.float32)
-        q = tl.minimum(tl.maximum(round_half_even(divide_exact(x, s2, r2, FMA_DIV)) + z2, 0.0), qmax)
-        # integer value of q in [0, 255] without a float-to-int conversion: the low mantissa bits of q + 2**23
-        qi = (q + 8388608.0).to(tl.int32, bitcast=True) - 0x4B000000
+        q, qi = act_codes(x, s2, r2, z2, qmax, FMA_DIV)
         if k0 + BLOCK_K <= K:
             acc += qi
         else:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import codes
+from .attention import QKPrep, attention, triton_usable
 from .context import timestep_groups
 from .format import QuantizationConfig
 from .runtime_parts import (RuntimeConfig, RuntimeTransformer, apply_interleaved_rope, fp32_layer_norm, run_linear,
@@ -158,9 +159,18 @@ class _Attention(nn.Module):
         self.norm_q = nn.LayerNorm(head_dim, QK_NORM_EPS, dtype=dtype)
         self.norm_k = nn.LayerNorm(head_dim, QK_NORM_EPS, dtype=dtype)
         self.to_out = nn.ModuleList([runtime_linear(f"{prefix}.to_out.0", dim, dim, quant, dtype)])
+        self.attention_mode = "bf16"
 
     def forward(self, x: torch.Tensor, rope: Optional[Tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         q, k, v = (run_linear(proj, x).unflatten(-1, (self.heads, -1)) for proj in (self.to_q, self.to_k, self.to_v))
+        if self.attention_mode == "int8" and triton_usable(q):
+            from .attention_triton import quantized_attention_triton     # norm and RoPE fused into quantization
+            cos, sin = rope if rope is not None else (None, None)
+            start = x.shape[1] - (cos.shape[0] if rope is not None else 0)
+            prep = [QKPrep("layer_head", norm.weight, norm.bias, QK_NORM_EPS, cos, sin, start)
+                    for norm in (self.norm_q, self.norm_k)]
+            out = quantized_attention_triton(q.type_as(x), k.type_as(x), v.type_as(x), *prep)
+            return run_linear(self.to_out[0], out.flatten(2))
         q = fp32_layer_norm(q, QK_NORM_EPS, self.norm_q).type_as(x)
         k = fp32_layer_norm(k, QK_NORM_EPS, self.norm_k).type_as(x)
         if rope is not None:
@@ -168,8 +178,8 @@ class _Attention(nn.Module):
             n = cos.shape[1]
             q = torch.cat([q[:, :-n], apply_interleaved_rope(q[:, -n:], cos, sin)], dim=1)
             k = torch.cat([k[:, :-n], apply_interleaved_rope(k[:, -n:], cos, sin)], dim=1)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.type_as(x).transpose(1, 2))
-        return run_linear(self.to_out[0], out.transpose(1, 2).flatten(2).type_as(x))
+        out = attention(q, k, v.type_as(x), self.attention_mode)
+        return run_linear(self.to_out[0], out.flatten(2).type_as(x))
 
 
 class _FeedForward(nn.Module):
@@ -282,11 +292,15 @@ class CogVideoXRuntimeTransformer(RuntimeTransformer):
         grid = self._check_inputs(hidden_states, encoder_hidden_states, timestep_cond, ofs, attention_kwargs)
         batch, device, dtype = hidden_states.shape[0], hidden_states.device, self.dtype
         timestep = torch.as_tensor(timestep, device=device).reshape(-1)
+        graphed = self.graphed(hidden_states)
+        if graphed is not None:
+            return graphed(hidden_states, encoder_hidden_states, timestep, None, None, image_rotary_emb, None,
+                           return_dict)
         if timestep.numel() == 1:
             timestep = timestep.expand(batch)
         if timestep.numel() != batch:
             raise ValueError(f"timestep must hold one value per sample (got {timestep.numel()} for {batch})")
-        groups = codes.timestep_group(timestep.detach().cpu(), self.timestep_group_count())
+        groups = codes.timestep_group(timestep.detach(), self.timestep_group_count())    # on the device: no sync
         text_len = encoder_hidden_states.shape[1]
         rope = None
         if image_rotary_emb is not None or cfg.use_rotary_positional_embeddings:

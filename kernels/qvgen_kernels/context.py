@@ -24,7 +24,7 @@ def current_timestep_groups() -> Optional[torch.Tensor]:
 def timestep_groups(groups) -> Iterator[torch.Tensor]:
     """Groups (long [batch], or one int for the whole batch) for the duration of a forward."""
     g = torch.as_tensor(groups).long().reshape(-1)
-    if g.numel() and int(g.min()) < 0:
+    if g.device.type == "cpu" and g.numel() and int(g.min()) < 0:     # (no host sync for device groups)
         raise ValueError(f"timestep groups must be >= 0, got {g.tolist()}")
     token = _GROUPS.set(g)
     try:

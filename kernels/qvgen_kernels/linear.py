@@ -22,7 +22,8 @@ from . import codes
 from .act_quant import QuantizedActivations, quantize_per_token_torch
 from .context import current_timestep_groups
 from .format import QuantizationConfig, QuantizedLinearExport
-from .qgemm import PackedWeight, quant_matmul_torch
+from .norm_quant import ClipTarget
+from .qgemm import Epilogue, PackedWeight, apply_epilogue_torch, quant_matmul_torch
 from .triton_env import INTERPRETER_HINT, interpreter_active
 
 BACKENDS = ("auto", "triton", "torch")
@@ -161,6 +162,38 @@ class QuantizedLinear(nn.Module):
             return quantize_per_token_triton(*args)
         return quantize_per_token_torch(*args)
 
+    def clip_target(self) -> ClipTarget:
+        """What a fused producer (``norm_quant``) needs to write this layer's activation codes."""
+        return ClipTarget(self.act_clip_lower, self.act_clip_upper, self.act_clip_ratio, self.act_bits)
+
+    def rows_and_groups(self, x2d: torch.Tensor, batch: int) -> Tuple[torch.Tensor, int]:
+        """The forward's timestep groups on x's device and the rows of each sample."""
+        groups = self._groups(batch, x2d.device)
+        return groups, (x2d.shape[0] // groups.numel() if groups.numel() else 1)
+
+    def quantize(self, x2d: torch.Tensor, batch: int) -> QuantizedActivations:
+        """Per-token codes of a [M, in_features] input holding ``batch`` samples (contiguous rows)."""
+        groups, rows_per_sample = self.rows_and_groups(x2d, batch)
+        return self.quantize_input(x2d, groups, rows_per_sample, self._use_triton(x2d))
+
+    def matmul(self, act: QuantizedActivations, out_dtype: torch.dtype = torch.bfloat16,
+               epilogue: Optional[Epilogue] = None) -> torch.Tensor:
+        """[M, out_features] from activation codes: the GEMM (+ the side branch), then ``epilogue`` (fused in the
+        Triton GEMM when there is no side branch, else applied after it by ``qgemm.apply_epilogue_torch``)."""
+        use_triton = self._use_triton(act.codes)
+        fused = epilogue if self.aux_left is None and use_triton else None
+        if use_triton:
+            from .qgemm_triton import quant_matmul_triton
+            y = quant_matmul_triton(act, self.packed_weight(), self._weight_operand(act.codes.device), self.bias,
+                                    out_dtype, epilogue=fused)
+        else:
+            y = quant_matmul_torch(act, self.packed_weight(), self.bias, out_dtype)
+        if self.aux_left is not None:
+            # the side branch sees the quantized input, as in training: Y = Qa(X) @ (Qw(W) + L R).T + b
+            x_hat = codes.act_dequant(act.codes.float(), act.scale[:, None], act.zero[:, None]).to(self.aux_right.dtype)
+            y = y + ((x_hat @ self.aux_right.T) @ self.aux_left.T).to(y.dtype)
+        return y if fused is not None else apply_epilogue_torch(y, epilogue)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: [..., in_features], batch first when there are several timestep groups."""
         if x.shape[-1] != self.in_features:
@@ -169,21 +202,8 @@ class QuantizedLinear(nn.Module):
         x2d = x.reshape(-1, self.in_features)
         if x2d.stride(-1) != 1 or (x2d.shape[0] > 1 and x2d.stride(0) != self.in_features):
             x2d = x2d.contiguous()
-        batch = lead[0] if lead else 1
-        groups = self._groups(batch, x.device)
-        rows_per_sample = x2d.shape[0] // groups.numel() if groups.numel() else 1
         out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.bfloat16
-        use_triton = self._use_triton(x)
-        act = self.quantize_input(x2d, groups, rows_per_sample, use_triton)
-        if use_triton:
-            from .qgemm_triton import quant_matmul_triton
-            y = quant_matmul_triton(act, self.packed_weight(), self._weight_operand(x.device), self.bias, out_dtype)
-        else:
-            y = quant_matmul_torch(act, self.packed_weight(), self.bias, out_dtype)
-        if self.aux_left is not None:
-            # the side branch sees the quantized input, as in training: Y = Qa(X) @ (Qw(W) + L R).T + b
-            x_hat = codes.act_dequant(act.codes.float(), act.scale[:, None], act.zero[:, None]).to(self.aux_right.dtype)
-            y = y + ((x_hat @ self.aux_right.T) @ self.aux_left.T).to(y.dtype)
+        y = self.matmul(self.quantize(x2d, lead[0] if lead else 1), out_dtype)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:

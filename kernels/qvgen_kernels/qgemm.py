@@ -15,12 +15,62 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from . import codes
 from .act_quant import QuantizedActivations
 
 # fp32 sums of integer products are exact while every partial sum stays below 2**24.
 _FP32_EXACT_LIMIT = 2 ** 24
+
+
+EPILOGUES = ("gelu_tanh", "residual")
+
+
+@dataclass
+class Epilogue:
+    """What the model does with a linear's output before anything else reads it, fused into the GEMM's epilogue.
+
+    ``"gelu_tanh"``: ``F.gelu(y, approximate="tanh")`` on the output in its dtype.
+    ``"residual"``: ``(residual.float() + y.float() * gate).to(residual.dtype)`` with the gate of the row's sample
+    (``gate`` float32 [samples, N], row r in sample r // rows_per_sample), or ``residual + y`` without a gate:
+    the gated residual updates of Wan's blocks. :func:`apply_epilogue_torch` is the definition; the fused Triton
+    epilogue rounds the GEMM result to the output dtype first and then does the same float32 operations, so the
+    residual form is bit-identical to it.
+    """
+    kind: str
+    residual: Optional[torch.Tensor] = None
+    gate: Optional[torch.Tensor] = None
+    rows_per_sample: int = 1
+
+    def __post_init__(self):
+        if self.kind not in EPILOGUES:
+            raise ValueError(f"Epilogue.kind must be one of {EPILOGUES}, got {self.kind!r}")
+        if self.kind == "residual" and self.residual is None:
+            raise ValueError("a residual epilogue needs its residual tensor")
+        if self.gate is not None and (self.gate.dtype != torch.float32 or self.gate.dim() != 2):
+            raise ValueError(f"the gate must be float32 [samples, N], got {self.gate.dtype} {list(self.gate.shape)}")
+
+    def check(self, M: int, N: int) -> None:
+        if self.residual is not None and tuple(self.residual.shape) != (M, N):
+            raise ValueError(f"residual must be [{M}, {N}], got {list(self.residual.shape)}")
+        if self.gate is not None and (self.gate.shape[1] != N or self.gate.shape[0] * self.rows_per_sample != M):
+            raise ValueError(f"gate {list(self.gate.shape)} with {self.rows_per_sample} rows a sample does not cover "
+                             f"[{M}, {N}]")
+
+
+def apply_epilogue_torch(y: torch.Tensor, epilogue: Optional[Epilogue]) -> torch.Tensor:
+    """The unfused definition of :class:`Epilogue` on a [M, N] linear output."""
+    if epilogue is None:
+        return y
+    epilogue.check(*y.shape)
+    if epilogue.kind == "gelu_tanh":
+        return F.gelu(y, approximate="tanh")
+    res = epilogue.residual
+    if epilogue.gate is None:
+        return res + y.to(res.dtype)
+    gate = epilogue.gate.repeat_interleave(epilogue.rows_per_sample, dim=0)
+    return (res.float() + y.float() * gate).to(res.dtype)
 
 
 @dataclass

@@ -2,7 +2,10 @@
 
 Codes 0..15 are exact in int8 and in fp8 e4m3, so the product of two code matrices runs on Hopper's 8-bit
 ``wgmma``; int8 accumulates in int32 (exact), fp8 in float32. The epilogue turns the integer sums into
-``s_a * s_w * (I1 - z_w * I2) + bias`` (see ``qgemm``) and writes bf16.
+``s_a * s_w * (I1 - z_w * I2) + bias`` (see ``qgemm``) and writes bf16, optionally after what the model does next
+(``qgemm.Epilogue``: GELU, or a gated residual update), so that no separate element-wise pass reads it back. Kernels
+are built without contracted multiply-adds (``enable_fp_fusion=False``): the epilogue's few float operations round
+as torch's separate kernels do, and the fused residual update equals the unfused one bit for bit.
 
 Variants (``GemmConfig.variant``), measured against each other in benchmarks/kernels:
 - ``"ptr"``: tiles loaded through pointers; the weight operand is either the unpacked int8/fp8 codes
@@ -21,10 +24,13 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .act_quant import QuantizedActivations
-from .qgemm import PackedWeight
+from .act_quant_triton import cast_rn
+from .qgemm import EPILOGUES, Epilogue, PackedWeight
+from .triton_env import interpreter_requested
 
 VARIANTS = ("ptr", "tma", "tma_persistent")
 
@@ -63,8 +69,19 @@ def default_config(M: int, N: int, K: int) -> GemmConfig:
 
 # ------------------------------------------------------------------------------------------ epilogue
 @triton.jit
+def _tanh(u, LIBDEVICE: tl.constexpr):
+    if LIBDEVICE:
+        return libdevice.tanh(u)
+    u = tl.minimum(tl.maximum(u, -15.0), 15.0)     # the interpreter has no libdevice; |tanh| rounds to 1 there
+    return 1.0 - 2.0 / (1.0 + tl.exp(2.0 * u))
+
+
+@triton.jit
 def _epilogue(acc, offs_m, offs_n, M, N, c_ptr, stride_cm, a_scale_ptr, a_zero_ptr, a_rowsum_ptr,
-              w_scale_ptr, w_zero_ptr, w_colsum_ptr, bias_ptr, K: tl.constexpr, HAS_BIAS: tl.constexpr):
+              w_scale_ptr, w_zero_ptr, w_colsum_ptr, bias_ptr, res_ptr, gate_ptr, stride_rm, rows_per_sample,
+              K: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, HAS_GATE: tl.constexpr,
+              LIBDEVICE: tl.constexpr):
+    EXACT_CAST: tl.constexpr = not LIBDEVICE           # the interpreter
     mask_m = offs_m < M
     mask_n = offs_n < N
     za = tl.load(a_zero_ptr + offs_m, mask=mask_m, other=0.0).to(tl.int32)
@@ -79,8 +96,22 @@ def _epilogue(acc, offs_m, offs_n, M, N, c_ptr, stride_cm, a_scale_ptr, a_zero_p
     y = (sa[:, None] * sw[None, :]) * (i1.to(tl.float32) - zw[None, :] * i2.to(tl.float32)[:, None])
     if HAS_BIAS:
         y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    if EPILOGUE != 0:    # qgemm.apply_epilogue_torch on the output rounded to its dtype (kernel built without FMA)
+        y = cast_rn(y, c_ptr.dtype.element_ty, EXACT_CAST).to(tl.float32)
+    if EPILOGUE == 1:    # GELU, tanh approximation, in ATen's order of operations
+        inner = 0.7978845608028654 * (y + 0.044715 * (y * y * y))
+        y = 0.5 * y * (1.0 + _tanh(inner, LIBDEVICE))
+    if EPILOGUE == 2:    # residual + y * gate of the row's sample, in float32
+        rows = offs_m.to(tl.int64)
+        r = tl.load(res_ptr + rows[:, None] * stride_rm + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_GATE:
+            sample = (rows // rows_per_sample)[:, None]
+            y = r + y * tl.load(gate_ptr + sample * N + offs_n[None, :], mask=mask, other=0.0)
+        else:
+            y = r + y
     c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
-    tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    tl.store(c_ptrs, cast_rn(y, c_ptr.dtype.element_ty, EXACT_CAST), mask=mask)
 
 
 @triton.jit
@@ -106,8 +137,9 @@ def _dot(a, b, acc, FP8: tl.constexpr, FP8_PROMOTE_EVERY: tl.constexpr):
 # ------------------------------------------------------------------------------------------ ptr variant
 @triton.jit(do_not_specialize=["M"])
 def _gemm_ptr_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, a_zero_ptr, a_rowsum_ptr, w_scale_ptr, w_zero_ptr,
-                     w_colsum_ptr, bias_ptr, M, N, stride_am, stride_bn, stride_cm,
-                     K: tl.constexpr, HAS_BIAS: tl.constexpr, PACKED_B: tl.constexpr, FP8: tl.constexpr,
+                     w_colsum_ptr, bias_ptr, res_ptr, gate_ptr, stride_rm, rows_per_sample, M, N, stride_am, stride_bn,
+                     stride_cm, K: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr,
+                     HAS_GATE: tl.constexpr, LIBDEVICE: tl.constexpr, PACKED_B: tl.constexpr, FP8: tl.constexpr,
                      FP8_PROMOTE_EVERY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -144,14 +176,16 @@ def _gemm_ptr_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, a_zero_ptr, a_rowsum_ptr,
         acc = _dot(a, b, acc, FP8, FP8_PROMOTE_EVERY)
         a_ptrs += BLOCK_K
     _epilogue(acc, offs_m, offs_n, M, N, c_ptr, stride_cm, a_scale_ptr, a_zero_ptr, a_rowsum_ptr,
-              w_scale_ptr, w_zero_ptr, w_colsum_ptr, bias_ptr, K, HAS_BIAS)
+              w_scale_ptr, w_zero_ptr, w_colsum_ptr, bias_ptr, res_ptr, gate_ptr, stride_rm, rows_per_sample, K,
+              HAS_BIAS, EPILOGUE, HAS_GATE, LIBDEVICE)
 
 
 # ------------------------------------------------------------------------------------------ TMA variants
 @triton.jit(do_not_specialize=["M"])
 def _gemm_tma_kernel(a_desc, b_desc, c_ptr, a_scale_ptr, a_zero_ptr, a_rowsum_ptr, w_scale_ptr, w_zero_ptr,
-                     w_colsum_ptr, bias_ptr, M, N, stride_cm,
-                     K: tl.constexpr, HAS_BIAS: tl.constexpr, FP8: tl.constexpr, FP8_PROMOTE_EVERY: tl.constexpr,
+                     w_colsum_ptr, bias_ptr, res_ptr, gate_ptr, stride_rm, rows_per_sample, M, N, stride_cm,
+                     K: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, HAS_GATE: tl.constexpr,
+                     LIBDEVICE: tl.constexpr, FP8: tl.constexpr, FP8_PROMOTE_EVERY: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     off_m = pid_m * BLOCK_M
@@ -162,13 +196,16 @@ def _gemm_tma_kernel(a_desc, b_desc, c_ptr, a_scale_ptr, a_zero_ptr, a_rowsum_pt
         b = b_desc.load([off_n, kt * BLOCK_K])
         acc = _dot(a, b.T, acc, FP8, FP8_PROMOTE_EVERY)
     _epilogue(acc, off_m + tl.arange(0, BLOCK_M), off_n + tl.arange(0, BLOCK_N), M, N, c_ptr, stride_cm,
-              a_scale_ptr, a_zero_ptr, a_rowsum_ptr, w_scale_ptr, w_zero_ptr, w_colsum_ptr, bias_ptr, K, HAS_BIAS)
+              a_scale_ptr, a_zero_ptr, a_rowsum_ptr, w_scale_ptr, w_zero_ptr, w_colsum_ptr, bias_ptr, res_ptr,
+              gate_ptr, stride_rm, rows_per_sample, K, HAS_BIAS, EPILOGUE, HAS_GATE, LIBDEVICE)
 
 
 @triton.jit(do_not_specialize=["M"])
 def _gemm_tma_persistent_kernel(a_desc, b_desc, c_ptr, a_scale_ptr, a_zero_ptr, a_rowsum_ptr, w_scale_ptr,
-                                w_zero_ptr, w_colsum_ptr, bias_ptr, M, N, stride_cm, num_programs,
-                                K: tl.constexpr, HAS_BIAS: tl.constexpr, FP8: tl.constexpr,
+                                w_zero_ptr, w_colsum_ptr, bias_ptr, res_ptr, gate_ptr, stride_rm, rows_per_sample,
+                                M, N, stride_cm, num_programs, K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                EPILOGUE: tl.constexpr, HAS_GATE: tl.constexpr, LIBDEVICE: tl.constexpr,
+                                FP8: tl.constexpr,
                                 FP8_PROMOTE_EVERY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
@@ -183,8 +220,8 @@ def _gemm_tma_persistent_kernel(a_desc, b_desc, c_ptr, a_scale_ptr, a_zero_ptr, 
             b = b_desc.load([off_n, kt * BLOCK_K])
             acc = _dot(a, b.T, acc, FP8, FP8_PROMOTE_EVERY)
         _epilogue(acc, off_m + tl.arange(0, BLOCK_M), off_n + tl.arange(0, BLOCK_N), M, N, c_ptr, stride_cm,
-                  a_scale_ptr, a_zero_ptr, a_rowsum_ptr, w_scale_ptr, w_zero_ptr, w_colsum_ptr, bias_ptr, K,
-                  HAS_BIAS)
+                  a_scale_ptr, a_zero_ptr, a_rowsum_ptr, w_scale_ptr, w_zero_ptr, w_colsum_ptr, bias_ptr, res_ptr,
+                  gate_ptr, stride_rm, rows_per_sample, K, HAS_BIAS, EPILOGUE, HAS_GATE, LIBDEVICE)
         tile += num_programs
 
 
@@ -238,7 +275,8 @@ def _num_sms(device: torch.device) -> int:
 
 def quant_matmul_triton(act: QuantizedActivations, weight: PackedWeight, weight_codes: Optional[torch.Tensor] = None,
                         bias: Optional[torch.Tensor] = None, out_dtype: torch.dtype = torch.bfloat16,
-                        config: Optional[GemmConfig] = None, fp8_promote_every: int = 0) -> torch.Tensor:
+                        config: Optional[GemmConfig] = None, fp8_promote_every: int = 0,
+                        epilogue: Optional[Epilogue] = None) -> torch.Tensor:
     """``x_hat @ w_hat.T + bias`` from activation codes and weight codes.
 
     ``weight_codes``: the unpacked codes [N, K] in the activation codes' dtype (int8 or float8 e4m3), e.g.
@@ -263,13 +301,25 @@ def quant_matmul_triton(act: QuantizedActivations, weight: PackedWeight, weight_
         b = weight_codes
     if a.stride(-1) != 1 or b.stride(-1) != 1:
         raise ValueError("codes must have contiguous rows")
+    if epilogue is not None:
+        epilogue.check(M, N)
+        if epilogue.residual is not None:
+            if epilogue.residual.stride(-1) != 1:
+                raise ValueError("the residual must have contiguous rows")
+            out_dtype = epilogue.residual.dtype
     out = torch.empty((M, N), dtype=out_dtype, device=a.device)
     if M == 0:
         return out
     has_bias = bias is not None
     bias_arg = bias if has_bias else weight.scale     # never read when HAS_BIAS is False
-    epi = (act.scale, act.zero, act.rowsum, weight.scale, weight.zero, weight.colsum, bias_arg)
-    meta = dict(K=K, HAS_BIAS=has_bias, FP8=fp8, FP8_PROMOTE_EVERY=fp8_promote_every,
+    res = epilogue.residual if epilogue is not None and epilogue.residual is not None else out
+    gate = epilogue.gate.contiguous() if epilogue is not None and epilogue.gate is not None else weight.scale
+    epi = (act.scale, act.zero, act.rowsum, weight.scale, weight.zero, weight.colsum, bias_arg, res, gate,
+           res.stride(0), epilogue.rows_per_sample if epilogue is not None else 1)
+    kind = 0 if epilogue is None else 1 + EPILOGUES.index(epilogue.kind)
+    meta = dict(K=K, HAS_BIAS=has_bias, EPILOGUE=kind, HAS_GATE=epilogue is not None and epilogue.gate is not None,
+                LIBDEVICE=not interpreter_requested(), enable_fp_fusion=False, FP8=fp8,
+                FP8_PROMOTE_EVERY=fp8_promote_every,
                 BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
                 num_warps=config.num_warps, num_stages=config.num_stages)
     tiles = triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n)

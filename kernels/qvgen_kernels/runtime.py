@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -16,7 +17,9 @@ from .wan_model import WanRuntimeTransformer
 RUNTIMES = {cls.CLASS_NAME: cls for cls in (WanRuntimeTransformer, CogVideoXRuntimeTransformer)}
 
 
-def load_transformer(folder: os.PathLike, device: torch.device | str = "cpu") -> RuntimeTransformer:
+def load_transformer(folder: os.PathLike, device: torch.device | str = "cpu",
+                     attention: Optional[str] = None) -> RuntimeTransformer:
+    """The runtime transformer of an export; ``attention`` ``"int8"`` / ``"bf16"``, None: int8 on sm_89+."""
     path = Path(folder) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: {folder} is not an export folder")
@@ -26,4 +29,4 @@ def load_transformer(folder: os.PathLike, device: torch.device | str = "cpu") ->
         raise ExportFormatError(f"{path}: not a JSON object ({e})") from e
     if class_name not in RUNTIMES:
         raise ExportFormatError(f"{path}: _class_name {class_name!r} has no runtime; known: {sorted(RUNTIMES)}")
-    return RUNTIMES[class_name].from_export(folder, device)
+    return RUNTIMES[class_name].from_export(folder, device, attention)

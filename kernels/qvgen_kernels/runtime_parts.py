@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import check_mode, default_mode
+from .cuda_graph import GraphedCall
 from .format import ExportFormatError, QuantizationConfig, load_export
 from .linear import QuantizedLinear
 
@@ -103,8 +105,37 @@ class RuntimeTransformer(nn.Module):
                              f"{sorted(set(q.module_shapes) - expected)[:5]}")
 
     # ------------------------------------------------------------------ loading
+    attention_mode = "bf16"
+
+    def set_attention(self, mode: str) -> "RuntimeTransformer":
+        """``"bf16"`` (SDPA, diffusers' math) or ``"int8"`` (quantized attention, ``attention``) in every block."""
+        check_mode(mode)
+        for module in self.modules():
+            if hasattr(module, "attention_mode"):
+                module.attention_mode = mode
+        return self
+
+    def set_fusion(self, enabled: bool = True) -> "RuntimeTransformer":
+        """Whether blocks take their fused path (norm + quantization in one kernel, epilogues in the GEMMs) where
+        it applies (quantized linears on the Triton kernels); off: the same math in separate passes."""
+        for module in self.modules():
+            if hasattr(module, "fuse"):
+                module.fuse = bool(enabled)
+        return self
+
+    def enable_cuda_graphs(self, enabled: bool = True) -> "RuntimeTransformer":
+        """Replay each forward on CUDA inputs as a CUDA graph captured per input shape (``cuda_graph``)."""
+        self._graphed = GraphedCall(self.forward) if enabled else None
+        return self
+
+    def graphed(self, hidden_states: torch.Tensor) -> Optional[GraphedCall]:
+        """The graph wrapper to route this call through, or None to run the forward directly."""
+        g = getattr(self, "_graphed", None)
+        return g if g is not None and not g.active and hidden_states.is_cuda else None
+
     @classmethod
-    def from_export(cls, folder: os.PathLike, device: torch.device | str = "cpu"):
+    def from_export(cls, folder: os.PathLike, device: torch.device | str = "cpu", attention: Optional[str] = None):
+        """``attention``: ``"int8"`` or ``"bf16"``; None picks ``attention.default_mode(device)`` (int8 on sm_89+)."""
         export = load_export(folder)
         declared = export.transformer_config.get("_class_name")
         if declared is not None and declared != cls.CLASS_NAME:
@@ -115,7 +146,7 @@ class RuntimeTransformer(nn.Module):
             if isinstance(module, QuantizedLinear):
                 module.load_export(export.linears[name])
         model.load_plain_tensors(export.tensors)
-        return model.to(device)
+        return model.set_attention(attention or default_mode(device)).to(device)
 
     @classmethod
     def from_state_dict(cls, config: Mapping, state_dict: Mapping[str, torch.Tensor],

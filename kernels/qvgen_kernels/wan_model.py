@@ -21,8 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import codes
+from .attention import QKPrep, attention, triton_usable
 from .context import timestep_groups
 from .format import QuantizationConfig
+from .linear import QuantizedLinear
+from .norm_quant import NormSpec, norm_quantize
+from .qgemm import Epilogue
 from .runtime_parts import (RuntimeConfig, RuntimeTransformer, apply_interleaved_rope, fp32_layer_norm,
                             run_linear, runtime_config, runtime_linear, timestep_sinusoids)
 
@@ -58,19 +62,33 @@ class _Attention(nn.Module):
         self.to_out = nn.ModuleList([runtime_linear(f"{prefix}.to_out.0", dim, dim, quant, dtype)])
         self.norm_q = nn.RMSNorm(dim, eps=eps, dtype=dtype)
         self.norm_k = nn.RMSNorm(dim, eps=eps, dtype=dtype)
+        self.attention_mode = "bf16"
 
-    def forward(self, x, context=None, rope=None):
+    def attend(self, x, context=None, rope=None):
+        """Projections, q/k norm, RoPE and attention: [B, S, heads * head_dim] in the model dtype."""
         context = x if context is None else context
+        return self.attend_projected(run_linear(self.to_q, x), run_linear(self.to_k, context),
+                                     run_linear(self.to_v, context), rope)
+
+    def attend_projected(self, q, k, v, rope=None):
+        """q/k norm, RoPE and attention of projected [B, S, heads * head_dim] q, k, v."""
+        dtype = self.norm_q.weight.dtype
+        q, k, v = (t.to(dtype).unflatten(2, (self.heads, -1)) for t in (q, k, v))
+        if self.attention_mode == "int8" and triton_usable(q):
+            from .attention_triton import quantized_attention_triton     # norm and RoPE fused into quantization
+            cos, sin = rope if rope is not None else (None, None)
+            prep = [QKPrep("rms_row", norm.weight, eps=norm.eps, cos=cos, sin=sin)
+                    for norm in (self.norm_q, self.norm_k)]
+            return quantized_attention_triton(q, k, v, *prep).flatten(2, 3)
         # q/k RMSNorm over all heads (diffusers: torch.nn.RMSNorm in the activation dtype)
-        q = self.norm_q(run_linear(self.to_q, x).to(self.norm_q.weight.dtype))
-        k = self.norm_k(run_linear(self.to_k, context).to(self.norm_k.weight.dtype))
-        v = run_linear(self.to_v, context).to(q.dtype)
-        q, k, v = (t.unflatten(2, (self.heads, -1)) for t in (q, k, v))
+        q = self.norm_q(q.flatten(2, 3)).unflatten(2, (self.heads, -1))
+        k = self.norm_k(k.flatten(2, 3)).unflatten(2, (self.heads, -1))
         if rope is not None:
             q, k = apply_interleaved_rope(q, *rope), apply_interleaved_rope(k, *rope)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        out = out.transpose(1, 2).flatten(2, 3).type_as(q)
-        return run_linear(self.to_out[0], out)
+        return attention(q, k, v, self.attention_mode).flatten(2, 3).type_as(q)
+
+    def forward(self, x, context=None, rope=None):
+        return run_linear(self.to_out[0], self.attend(x, context, rope))
 
 
 class _FeedForward(nn.Module):
@@ -96,15 +114,62 @@ class _Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, cfg.eps, dtype=dtype) if cfg.cross_attn_norm else None
         self.ffn = _FeedForward(f"{prefix}.ffn", dim, cfg.ffn_dim, quant, dtype)
         self.scale_shift_table = nn.Parameter(torch.zeros(1, 6, dim, dtype=dtype))
+        self.fuse = True           # forward_fused where it applies (RuntimeTransformer.set_fusion)
+
+    def quantized_linears(self):
+        a1, a2, ffn = self.attn1, self.attn2, self.ffn
+        return (a1.to_q, a1.to_k, a1.to_v, a1.to_out[0], a2.to_q, a2.to_out[0], ffn.net[0].proj, ffn.net[2])
+
+    def fusable(self, x) -> bool:
+        """The fused path needs every linear it fuses around quantized and on the Triton kernels."""
+        linears = self.quantized_linears()
+        return self.fuse and all(isinstance(m, QuantizedLinear) for m in linears) and \
+            all(m._use_triton(x) for m in linears) and x.dtype in (torch.bfloat16, torch.float32)
 
     def forward(self, x, context, temb6, rope):
-        shift, scale, gate, c_shift, c_scale, c_gate = (self.scale_shift_table.float() + temb6.float()).chunk(6, 1)
+        mods = (self.scale_shift_table.float() + temb6.float()).chunk(6, 1)
+        if self.fusable(x):
+            return self.forward_fused(x, context, mods, rope)
+        shift, scale, gate, c_shift, c_scale, c_gate = mods
         h = (fp32_layer_norm(x, self.eps) * (1 + scale) + shift).type_as(x)
         x = (x.float() + self.attn1(h, None, rope) * gate).type_as(x)
         h = fp32_layer_norm(x, self.eps, self.norm2).type_as(x) if self.norm2 is not None else x
         x = x + self.attn2(h, context).type_as(x)
         h = (fp32_layer_norm(x, self.eps) * (1 + c_scale) + c_shift).type_as(x)
         return (x.float() + self.ffn(h).float() * c_gate).type_as(x)
+
+    def forward_fused(self, x, context, mods, rope):
+        """The same block with no separate element-wise pass around its quantized linears: norm + modulation write
+        the codes of q, k, v (one kernel), the gated residual updates run in the output projections' GEMM epilogues,
+        GELU in the FFN-up GEMM's. The same float32 formulas (``norm_quant``, ``qgemm.Epilogue``)."""
+        B, S, K = x.shape
+        dtype = x.dtype
+        shift, scale, gate, c_shift, c_scale, c_gate = (m.reshape(B, K) for m in mods)
+        a1, a2, ffn = self.attn1, self.attn2, self.ffn
+        x2 = x.reshape(B * S, K).contiguous()
+        groups, rows = a1.to_q.rows_and_groups(x2, B)
+        qkv = (a1.to_q, a1.to_k, a1.to_v)
+        acts = norm_quantize(x2, NormSpec(self.eps, shift=shift, scale=scale), [m.clip_target() for m in qkv],
+                             groups, rows, use_triton=True)
+        q, k, v = (m.matmul(a, dtype).view(B, S, K) for m, a in zip(qkv, acts))
+        out = a1.attend_projected(q, k, v, rope).reshape(B * S, K)
+        x2 = a1.to_out[0].matmul(a1.to_out[0].quantize(out, B), dtype, Epilogue("residual", x2, gate, rows))
+
+        if self.norm2 is not None:
+            spec = NormSpec(self.eps, weight=self.norm2.weight, bias=self.norm2.bias)
+            act = norm_quantize(x2, spec, [a2.to_q.clip_target()], groups, rows, use_triton=True)[0]
+        else:
+            act = a2.to_q.quantize(x2, B)
+        q = a2.to_q.matmul(act, dtype).view(B, S, K)
+        out = a2.attend_projected(q, run_linear(a2.to_k, context), run_linear(a2.to_v, context)).reshape(B * S, K)
+        x2 = a2.to_out[0].matmul(a2.to_out[0].quantize(out, B), dtype, Epilogue("residual", x2))
+
+        up, down = ffn.net[0].proj, ffn.net[2]
+        act = norm_quantize(x2, NormSpec(self.eps, shift=c_shift, scale=c_scale), [up.clip_target()], groups, rows,
+                            use_triton=True)[0]
+        h = up.matmul(act, dtype, Epilogue("gelu_tanh"))
+        x2 = down.matmul(down.quantize(h, B), dtype, Epilogue("residual", x2, c_gate, rows))
+        return x2.view(B, S, K)
 
 
 def _rope_tables(head_dim: int, max_len: int, theta: float = 10000.0) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -170,17 +235,20 @@ class WanRuntimeTransformer(RuntimeTransformer):
                 attention_kwargs: Optional[dict] = None):
         if encoder_hidden_states_image is not None:
             raise ValueError("the runtime Wan transformer is text-to-video only (no encoder_hidden_states_image)")
+        timestep = torch.as_tensor(timestep, device=hidden_states.device).reshape(-1)
+        graphed = self.graphed(hidden_states)
+        if graphed is not None:
+            return graphed(hidden_states, timestep, encoder_hidden_states, None, return_dict, attention_kwargs)
         cfg = self.config
         batch, _, frames, height, width = hidden_states.shape
         p_t, p_h, p_w = cfg.patch_size
         f, h, w = frames // p_t, height // p_h, width // p_w
-        timestep = torch.as_tensor(timestep, device=hidden_states.device).reshape(-1)
         if timestep.numel() == 1:
             timestep = timestep.expand(batch)
         if timestep.numel() != batch:
             raise ValueError(f"timestep must hold one value per sample (got {timestep.numel()} for {batch}); "
                              "per-token timesteps (Wan 2.2) are not supported")
-        groups = codes.timestep_group(timestep.detach().cpu(), self.timestep_group_count())
+        groups = codes.timestep_group(timestep.detach(), self.timestep_group_count())    # on the device: no sync
 
         with timestep_groups(groups.to(hidden_states.device)):
             rope = self._rope(f, h, w)

@@ -1,0 +1,23 @@
+#!/bin/bash
+# One device call: the GPU tests of the attention / fused kernels and the runtime, then the whole runtime benchmark.
+# Everything lands under $OUT (at most 6 files). Usage, from the repository root (or a carried copy of the worktree,
+# with .whl carried for diffusers):  BUDGET=420 bash benchmarks/runtime/run_gpu.sh
+set -o pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p $OUT
+if ls .whl/diffusers-*.whl >/dev/null 2>&1 && ! python3 -c "import diffusers" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+    .whl/diffusers-*.whl .whl/importlib_metadata-*.whl && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD:$PWD/kernels
+if [ -f .cache/triton_cache.tgz ]; then mkdir -p ~/.triton && tar xzf .cache/triton_cache.tgz -C ~/.triton; fi
+{ nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem,power.draw --format=csv
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee $OUT/env.txt
+
+timeout ${TEST_TIMEOUT:-170} python3 -m pytest --noconftest -p no:cacheprovider -q -rs -W ignore::pytest.PytestUnknownMarkWarning \
+  tests/test_attention_triton.py tests/test_kernels_fused.py tests/test_runtime_attention.py 2>&1 | tee $OUT/gpu_tests.txt | tail -6
+
+timeout ${BENCH_TIMEOUT:-450} python3 benchmarks/runtime/bench_runtime.py --out $OUT --budget-s ${BUDGET:-420} \
+  ${BENCH_ARGS:-} 2>&1 | tee $OUT/bench_stdout.txt | tail -30
+tar czf $OUT/triton_cache.tgz -C ~/.triton cache 2>/dev/null
+echo "total ${SECONDS}s"
