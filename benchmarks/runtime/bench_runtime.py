@@ -4,7 +4,8 @@ Real configs with random weights (480p x 81 frames: 21 x 30 x 52 = 32,760 Wan to
 49 frames at 480 x 720: 17,550 video + 226 text tokens), batch 1, one forward each:
 - diffusers bf16 eager; diffusers with ``compile_repeated_blocks`` (torch.compile); diffusers with fp8 row-wise
   dynamic linears (``torch._scaled_mm``, eager quantization);
-- ours (W4A4 export format, random codes): bf16 attention (SDPA); int8 attention; int8 attention + CUDA graph.
+- ours (W4A4 export format, random codes): bf16 attention (SDPA), unfused (the runtime's default today); int8
+  attention with the fused norm/quantization/epilogue kernels; the same + CUDA graph.
 Every column reports median ms of CUDA-event-timed forwards, peak allocated memory and weight bytes. Wan-14B is
 timed on ``--wan14b-blocks`` of its 40 blocks and scaled by 40 / blocks (the embeddings and head are counted
 that many times too: a slight overestimate for every column alike). Also: attention alone against SDPA (ours with
@@ -107,7 +108,8 @@ def make(column: str, spec: dict):
         if column == "diffusers_fp8":
             to_fp8_linears(model, "blocks" if kind == "wan" else "transformer_blocks")
     else:
-        model = build(RUNTIMES[kind], cfg, quantized=True).set_attention("int8" if "int8" in column else "bf16")
+        fast = "int8" in column
+        model = build(RUNTIMES[kind], cfg, quantized=True).set_attention("int8" if fast else "bf16").set_fusion(fast)
         if column.endswith("graph"):
             model.enable_cuda_graphs()
     if kind == "wan":

@@ -135,7 +135,7 @@ class RuntimeTransformer(nn.Module):
 
     @classmethod
     def from_export(cls, folder: os.PathLike, device: torch.device | str = "cpu", attention: Optional[str] = None):
-        """``attention``: ``"int8"`` or ``"bf16"``; None picks ``attention.default_mode(device)`` (int8 on sm_89+)."""
+        """``attention``: ``"int8"`` or ``"bf16"``; None picks ``attention.default_mode(device)`` (bf16 until the int8 path is GPU-validated)."""
         export = load_export(folder)
         declared = export.transformer_config.get("_class_name")
         if declared is not None and declared != cls.CLASS_NAME:

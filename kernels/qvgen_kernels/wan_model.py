@@ -114,7 +114,8 @@ class _Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, cfg.eps, dtype=dtype) if cfg.cross_attn_norm else None
         self.ffn = _FeedForward(f"{prefix}.ffn", dim, cfg.ffn_dim, quant, dtype)
         self.scale_shift_table = nn.Parameter(torch.zeros(1, 6, dim, dtype=dtype))
-        self.fuse = True           # forward_fused where it applies (RuntimeTransformer.set_fusion)
+        # forward_fused where it applies: opt-in (RuntimeTransformer.set_fusion) until the fused kernels have run on a GPU
+        self.fuse = False
 
     def quantized_linears(self):
         a1, a2, ffn = self.attn1, self.attn2, self.ffn
