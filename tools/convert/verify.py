@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--sequence-parallel", action="store_true")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--dtype", choices=DTYPES, default="fp32")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--latent-frames", type=int, default=2, help="latent frames / temporal patch")
     parser.add_argument("--latent-size", type=int, default=8, help="latent height and width / spatial patch")
@@ -37,19 +37,21 @@ def main(argv=None) -> int:
     init_distributed()
     try:
         result = verify_conversion(args.diffusers, args.megatron, tensor_parallel=args.tp, pipeline_parallel=args.pp,
-                                   sequence_parallel=args.sequence_parallel, dtype=DTYPES[args.dtype],
+                                   sequence_parallel=args.sequence_parallel, dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype],
                                    seed=args.seed, latent_frames=args.latent_frames,
                                    latent_height=args.latent_size, latent_width=args.latent_size,
                                    text_len=args.text_len)
-    except (CheckpointError, ConfigError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
     finally:
         destroy_parallel()
     if result is not None:
         print(f"output {result.shape}: max abs diff {result.max_abs:.3e}, max rel diff {result.max_rel:.3e} "
               f"(reference max {result.reference_max:.3e}), tp={args.tp} pp={args.pp} dtype={args.dtype}")
     return 0
+
+
+def main(argv=None) -> int:
+    cli.quiet_console()
+    return cli.run(lambda: _main(argv))
 
 
 if __name__ == "__main__":
