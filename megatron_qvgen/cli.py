@@ -2,8 +2,9 @@
 
 - :func:`quiet_console` before megatron is imported: our own loggers (``megatron_qvgen.*``) speak at INFO,
   everything else only from WARNING (megatron logs every DDP bucket's parameter list and each config at INFO),
-  and the warnings that say nothing a user can act on (no Transformer Engine / Apex on a machine that does
-  not need them, a deprecation inside torch that megatron calls) are dropped, each by its own message.
+  and the warnings and log records that say nothing a user can act on (no Transformer Engine / Apex on a
+  machine that does not need them, a deprecation inside torch that megatron calls, megatron 0.19's notice on
+  every synchronous save) are dropped, each by its own message.
 - :func:`run` calls an entry point's body: a :data:`user error <user_error_types>` (a bad flag, a missing
   path, a refused resume) becomes ONE line ``error: ...`` on stderr and exit status 1 (2 for a config
   error), without a traceback. Under torchrun every rank usually raises the same error (they read the same
@@ -33,7 +34,26 @@ _NOISE_WARNINGS = (
     (UserWarning, r".*CUDA_DEVICE_MAX_CONNECTIONS.*"),
     # megatron calls torch's deprecated all_gather_into_tensor; nothing to change on our side.
     (FutureWarning, r".*all_gather_into_tensor.* is deprecated.*"),
+    # The export and conversion tools read dist checkpoints in one process on purpose (no process group).
+    (UserWarning, r"torch\.distributed is disabled, unavailable or uninitialized, assuming the intent is to load "
+                  r"in a single process"),
+    # megatron-core 0.19 warns at import about a multimodal model class this project never uses.
+    (UserWarning, r"MimoModelConfig is experimental.*"),
 )
+# (logger, message start) of megatron log records at WARNING that are noise here, each with the reason.
+_NOISE_LOGS = (
+    # megatron-core 0.19 logs this on every SYNCHRONOUS save (its sync path runs the deprecated async code).
+    ("megatron.core.dist_checkpointing.strategies.torch", "MCore's async save is deprecated"),
+)
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, start: str):
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.start)
 # A rank > 0 waits this long before printing its user error (see the module docstring).
 NONZERO_RANK_GRACE_S = 5.0
 
@@ -60,6 +80,10 @@ def quiet_console(level: int = logging.INFO) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         force=True)
     logging.getLogger("megatron_qvgen").setLevel(level)
+    for name, start in _NOISE_LOGS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) and f.start == start for f in logger.filters):
+            logger.addFilter(_DropMessages(start))
 
 
 def global_rank() -> int:
