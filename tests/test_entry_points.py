@@ -116,3 +116,12 @@ def test_a_short_run_prints_one_console_line_per_log_interval_and_no_megatron_ch
     console = [l for l in out.splitlines() if l.startswith("step ")]
     assert all(" lr " in l and " aux_rank " in l and " weights " not in l for l in console), console
     assert "INFO megatron" not in err and "Params for bucket" not in err and "UserWarning" not in err, err
+
+
+def test_fit_teacher_reports_missing_shards_on_one_line(tmp_path):
+    missing = str(tmp_path / "no_shards_here")
+    rc, out, err = _run([sys.executable, "-m", "megatron_qvgen.fit_teacher", "--recipe", "tiny_wan",
+                         "--out", str(tmp_path / "teacher"), "--steps", "10", "--data.shards", missing])
+    assert rc == 1
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: ") and missing in err, err
+    assert not (tmp_path / "teacher").exists()
