@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-python - <<'PY'
+python -W ignore - <<'PY'   # (megatron's Transformer-Engine warnings are not news here)
 import importlib, sys
 names = ("torch", "triton", "megatron.core", "diffusers", "transformers", "safetensors", "megatron_qvgen",
          "qvgen_kernels")

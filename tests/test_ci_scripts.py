@@ -43,7 +43,8 @@ def _fake_repo(tmp_path, files):
 
 
 def test_a_collection_error_stops_the_run_with_its_cause(tmp_path):
-    rc, out, err = _fake_repo(tmp_path, {"tests/test_broken.py": "import no_such_module_xyz\n\ndef test_a():\n    pass\n",
+    broken = "import no_such_module_xyz\n\ndef test_a():\n    pass\n"
+    rc, out, err = _fake_repo(tmp_path, {"tests/test_broken.py": broken,
                                          "tests/test_fine.py": "def test_b():\n    pass\n"})
     assert rc == 2, out + err
     assert "no_such_module_xyz" in err and "run_tests: test collection failed (pytest exit 2); nothing was run" in err

@@ -125,3 +125,18 @@ def test_fit_teacher_reports_missing_shards_on_one_line(tmp_path):
     assert rc == 1
     assert len(err.strip().splitlines()) == 1 and err.startswith("error: ") and missing in err, err
     assert not (tmp_path / "teacher").exists()
+
+
+@pytest.mark.parametrize("tool, args", [
+    ("diffusers_to_megatron", ["--src", "{missing}", "--dst", "{tmp}/out"]),
+    ("megatron_to_diffusers", ["--src", "{missing}", "--dst", "{tmp}/out"]),
+    ("export_inference", ["--src", "{missing}", "--dst", "{tmp}/out"]),
+    ("verify", ["--diffusers", "{missing}", "--megatron", "{missing}"]),
+])
+def test_every_tool_reports_a_missing_input_on_one_line(tool, args, tmp_path):
+    missing = str(tmp_path / "not_there")
+    argv = [a.format(missing=missing, tmp=tmp_path) for a in args]
+    rc, out, err = _run([sys.executable, os.path.join(REPO, "tools", "convert", tool + ".py"), *argv])
+    assert rc == 1 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: ") and missing in err
+    assert not (tmp_path / "out").exists()

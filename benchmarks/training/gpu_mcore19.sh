@@ -11,7 +11,9 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   "$W"/webdataset-*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD:$PWD/kernels PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2 QVGEN_FUSED_AUTOTUNE=0
 export CUDA_DEVICE_MAX_CONNECTIONS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-python3 -W ignore -c "import sys, torch, triton, megatron.core as m; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'megatron-core', m.__version__)" | tee "$OUT/versions.txt"
+python3 -W ignore -c "import sys, torch, triton, megatron.core as m
+print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'megatron-core',
+      m.__version__)" | tee "$OUT/versions.txt"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader >> "$OUT/versions.txt"
 # the GPU run in the background while the CPU tests use the cores
 ( torchrun --standalone --nproc-per-node 1 -m megatron_qvgen.train --recipe tiny_wan --data.shards /tmp/d \

@@ -7,20 +7,18 @@ The world size must be a multiple of TP x PP.
 """
 import argparse
 import sys
-import warnings
 
-warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*not installed.*")
-import torch
+from megatron_qvgen import cli
 
-from megatron_qvgen.config import ConfigError
-from megatron_qvgen.dist_ckpt import CheckpointError
-from megatron_qvgen.convert.verify import verify_conversion
-from megatron_qvgen.parallel import destroy_parallel, init_distributed
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = ("fp32", "bf16")
 
 
-def main(argv=None) -> int:
+def _main(argv) -> int:
+    import torch
+
+    from megatron_qvgen.convert.verify import verify_conversion
+    from megatron_qvgen.parallel import destroy_parallel, init_distributed
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--diffusers", required=True, help="diffusers transformer folder")
     parser.add_argument("--megatron", required=True, help="megatron dist checkpoint folder")
@@ -37,7 +35,8 @@ def main(argv=None) -> int:
     init_distributed()
     try:
         result = verify_conversion(args.diffusers, args.megatron, tensor_parallel=args.tp, pipeline_parallel=args.pp,
-                                   sequence_parallel=args.sequence_parallel, dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype],
+                                   sequence_parallel=args.sequence_parallel,
+                                   dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype],
                                    seed=args.seed, latent_frames=args.latent_frames,
                                    latent_height=args.latent_size, latent_width=args.latent_size,
                                    text_len=args.text_len)
