@@ -18,10 +18,15 @@ setup(
     packages=find_packages(include=["megatron_qvgen", "megatron_qvgen.*"])
     + find_packages("kernels", include=["qvgen_kernels", "qvgen_kernels.*"]),
     package_dir={"qvgen_kernels": "kernels/qvgen_kernels"},
+    # No upper bounds: CI installs current releases so that the next breaking release shows up there first.
     install_requires=[
         "torch>=2.4",
-        # Pinned exactly: the CPU shim patches private megatron names (tests check they exist).
-        "megatron-core==0.16.1",
+        # Tested: 0.16.1 (CI, Python 3.11: the newest there) and 0.19.2 (GPU image, Python 3.12). No upper pin, so a
+        # current image keeps its megatron-core; the CPU shim checks the private names it patches and, on a version
+        # that lacks one, stops naming it and the tested versions (megatron_qvgen/cpu_shim.py).
+        "megatron-core>=0.16.1",
+        # megatron-core 0.18+ imports triton unconditionally; the QAT fake-quant kernels use it on GPUs.
+        "triton>=3.0; sys_platform == 'linux'",
         # megatron's dist_checkpointing needs psutil but does not declare it (a save hangs without it).
         "psutil",
         "numpy",

@@ -4,7 +4,14 @@ megatron-core calls CUDA in hundreds of places even with ``use_cpu_initializatio
 those calls onto the CPU so that megatron's REAL collectives (gloo), pipeline schedules, optimizer and
 dist_checkpointing run unchanged in CPU tests. It is applied only when ``torch.cuda.is_available()`` is
 False, is idempotent, and touches exactly the names listed in :data:`PATCHED_TORCH_CUDA` and
-:data:`PATCHED_MEGATRON` (a test checks that each still exists in the pinned megatron-core).
+:data:`PATCHED_MEGATRON`. Before patching, :func:`check_megatron` checks that each of them exists: on a
+megatron-core that renamed one, the shim stops with the version, the missing name and the versions it was
+tested with (:data:`TESTED_MEGATRON`), instead of a silent no-op (a missing RNG hook gives TP ranks identical
+dropout masks without any error). A version outside that list whose names are all present gets one warning.
+
+megatron-core 0.18+ imports triton unconditionally (install it: setup.py requires it on Linux; never fake a
+``triton`` module, torch's inductor then breaks); 0.19's async checkpoint save needs nvidia-resiliency-ext,
+which this project does not use (its saves are synchronous).
 
 What it covers:
 - ``torch.cuda`` device/stream/event/memory queries -> CPU answers or no-ops;
@@ -17,11 +24,17 @@ What it covers:
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
+import re
 import threading
+import warnings
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch.overrides import TorchFunctionMode
+
+from megatron_qvgen.config.errors import UserError
 
 PATCHED_TORCH_CUDA = (
     "current_device", "synchronize", "current_stream", "default_stream", "stream", "Stream", "Event",
@@ -33,6 +46,15 @@ PATCHED_MEGATRON = (
     ("megatron.core.tensor_parallel.random", "_get_cuda_rng_state"),
     ("megatron.core.tensor_parallel.random", "_set_cuda_rng_state"),
 )
+
+# megatron-core versions the CPU test suite ran against with this shim: 0.16.1 in CI (Python 3.11), 0.19.2 on the
+# GPU image with CUDA hidden (Python 3.12; benchmarks/training/RESULTS.md).
+TESTED_MEGATRON = ("0.16.1", "0.19.2")
+
+
+class MegatronVersionError(UserError, RuntimeError):
+    """The installed megatron-core lacks a private name the CPU shim patches."""
+
 
 _lock = threading.Lock()
 _mode: "_CudaToCpuMode | None" = None
@@ -144,6 +166,45 @@ class _QuietRngFork(logging.Filter):
         return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
 
 
+def megatron_version() -> str:
+    import megatron.core
+
+    return str(getattr(megatron.core, "__version__", "unknown"))
+
+
+def _release(version: str) -> str:
+    """``0.19.2rc1+abc`` -> ``0.19.2``: the release a build belongs to."""
+    match = re.match(r"\d+\.\d+\.\d+", version)
+    return match.group(0) if match else version
+
+
+def check_megatron(version: Optional[str] = None,
+                   names: Sequence[Tuple[str, str]] = PATCHED_MEGATRON) -> str:
+    """Every name the shim patches must exist; returns megatron-core's version (see the module docstring)."""
+    version = version or megatron_version()
+    tested = ", ".join(TESTED_MEGATRON)
+    for attr in PATCHED_TORCH_CUDA:
+        if not hasattr(torch.cuda, attr):
+            raise MegatronVersionError(f"torch {torch.__version__}: the CPU shim patches torch.cuda.{attr}, which "
+                                       "this torch does not have")
+    for module_name, attr in names:
+        try:
+            present = hasattr(importlib.import_module(module_name), attr)
+        except ModuleNotFoundError as exc:
+            if not exc.name or not module_name.startswith(exc.name):
+                raise   # a dependency of megatron is missing, not the module the shim patches
+            present = False
+        if not present:
+            raise MegatronVersionError(
+                f"megatron-core {version}: the CPU shim (megatron_qvgen/cpu_shim.py) patches {module_name}.{attr}, "
+                f"which this version does not have; the shim is tested with megatron-core {tested}: install one "
+                "of those to run without a GPU (on a GPU the shim is not used)")
+    if _release(version) not in TESTED_MEGATRON:
+        warnings.warn(f"megatron-core {version} has not been tested with the CPU shim (tested: {tested}); the names "
+                      "it patches are present, continuing", stacklevel=2)
+    return version
+
+
 def is_applied() -> bool:
     return _mode is not None
 
@@ -156,6 +217,7 @@ def apply() -> bool:
     with _lock:
         if _mode is not None:
             return True
+        check_megatron()
         cuda = torch.cuda
         cuda.current_device = lambda: torch.device("cpu")
         cuda.synchronize = lambda *a, **k: None
@@ -178,11 +240,6 @@ def apply() -> bool:
         cuda.device_count = lambda: 0
         cuda.set_device = lambda *a, **k: None
 
-        import importlib
-
-        for module_name, attr in PATCHED_MEGATRON:
-            module = importlib.import_module(module_name)
-            getattr(module, attr)  # fail loudly if the pinned megatron renamed it
         random_mod = importlib.import_module("megatron.core.tensor_parallel.random")
         random_mod._get_cuda_rng_state = _cpu_rng_get
         random_mod._set_cuda_rng_state = _cpu_rng_set

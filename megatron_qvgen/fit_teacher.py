@@ -5,37 +5,38 @@
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import List, Optional
 
-from megatron_qvgen.config import ConfigError, apply_overrides, parse_override_args
+from megatron_qvgen import cli
+from megatron_qvgen.config import apply_overrides, parse_override_args
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", required=True)
+def _main(argv: Optional[List[str]]) -> int:
+    parser = cli.recipe_parser(__doc__)
     parser.add_argument("--out", required=True, help="where to write the megatron checkpoint")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--lr", type=float, default=1e-3)
     args, rest = parser.parse_known_args(argv)
     from megatron_qvgen.recipes import get_recipe
 
-    try:
-        cfg = apply_overrides(get_recipe(args.recipe), parse_override_args(rest))
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
+    cfg = apply_overrides(get_recipe(args.recipe), parse_override_args(rest))
     from megatron_qvgen.parallel import destroy_parallel, init_distributed
     from megatron_qvgen.training.teacher_fit import fit_teacher
 
     init_distributed(None if cfg.parallel.backend == "auto" else cfg.parallel.backend)
     try:
         loss = fit_teacher(cfg, args.out, args.steps, args.lr)
-        print(f"teacher saved to {args.out} (final loss {loss:.4f})")
+        if cli.global_rank() == cli.world_size() - 1:   # a rank of the last pipeline stage holds the loss
+            print(f"teacher saved to {args.out} (final loss {loss:.4f})")
     finally:
         destroy_parallel()
     return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    cli.quiet_console()
+    return cli.run(lambda: _main(argv))
 
 
 if __name__ == "__main__":

@@ -6,48 +6,50 @@
 ``--init-from`` is a megatron checkpoint of the full-precision model (tools/convert/diffusers_to_megatron.py);
 without it the teacher (and so the student) start from the recipe's seeded random initialisation.
 A run resumes from ``train.load_dir`` (or ``train.save_dir``) when it holds a checkpoint.
+Any config field is overridden with ``--section.field value``; ``--print-config`` shows them all.
 """
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
 from typing import List, Optional
 
-from megatron_qvgen.config import ConfigError, apply_overrides, parse_override_args
+from megatron_qvgen import cli
+from megatron_qvgen.config import apply_overrides, parse_override_args
 
 
 def parse_args(argv: Optional[List[str]] = None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", required=True, help="recipe name (megatron_qvgen.recipes)")
+    parser = cli.recipe_parser(__doc__)
     parser.add_argument("--init-from", default=None, help="megatron checkpoint of the full-precision model")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     args, rest = parser.parse_known_args(argv)
     return args, parse_override_args(rest)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _main(argv: Optional[List[str]]) -> int:
     args, overrides = parse_args(argv)
     from megatron_qvgen.recipes import get_recipe
 
-    try:
-        cfg = apply_overrides(get_recipe(args.recipe), overrides)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
+    cfg = apply_overrides(get_recipe(args.recipe), overrides)
     if args.print_config:
         print(cfg.to_json())
         return 0
     from megatron_qvgen.parallel import destroy_parallel, init_distributed
-    from megatron_qvgen.training.loop import Trainer
+    from megatron_qvgen.training.loop import NonFiniteLossError, Trainer
 
     init_distributed(None if cfg.parallel.backend == "auto" else cfg.parallel.backend)
     try:
         Trainer(cfg, init_from=args.init_from).setup().train()
+    except NonFiniteLossError as exc:   # names the limit and the intact checkpoint: no traceback needed
+        cli.report_user_error(exc)
+        return 1
     finally:
         destroy_parallel()
     return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    cli.quiet_console()
+    return cli.run(lambda: _main(argv))
 
 
 if __name__ == "__main__":

@@ -82,3 +82,28 @@ def test_megatron_column_row_linears_match_across_tp():
         assert_rel_close(r["y"], ref["y"], what="output")
         assert_rel_close(r["dx"], ref["dx"], what="input grad")
     assert_rel_close(torch.cat([r["col_dw"] for r in out]), ref["col_dw"], what="column weight grad")
+
+
+def test_a_renamed_private_name_stops_the_shim_with_the_version_and_the_tested_ones():
+    renamed = (("megatron.core.tensor_parallel.random", "_get_cuda_rng_state_v2"),)
+    with pytest.raises(cpu_shim.MegatronVersionError) as err:
+        cpu_shim.check_megatron(version="0.99.0", names=renamed)
+    message = str(err.value)
+    assert "megatron-core 0.99.0" in message
+    assert "megatron.core.tensor_parallel.random._get_cuda_rng_state_v2" in message
+    assert all(v in message for v in cpu_shim.TESTED_MEGATRON)
+    gone = (("megatron.core.no_such_module", "_x"),)
+    with pytest.raises(cpu_shim.MegatronVersionError, match="megatron.core.no_such_module._x"):
+        cpu_shim.check_megatron(version="0.99.0", names=gone)
+
+
+def test_the_installed_megatron_is_a_tested_version_and_an_untested_one_warns():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # a tested version passes silently
+        assert cpu_shim.check_megatron() == cpu_shim.megatron_version()
+    assert cpu_shim._release(cpu_shim.megatron_version()) in cpu_shim.TESTED_MEGATRON
+    with pytest.warns(UserWarning, match=r"megatron-core 0\.17\.0rc1 has not been tested .*0\.16\.1"):
+        cpu_shim.check_megatron(version="0.17.0rc1")
+    assert cpu_shim._release("0.19.2+abc123") == "0.19.2"

@@ -72,3 +72,41 @@ def test_live_auxiliary_module_is_refused_unless_kept(trained, tmp_path):
     assert all(l.aux_left is not None and l.aux_left.shape[1] == 2 for l in export.linears.values())
     with pytest.raises(FileExistsError):
         export_inference(early, str(tmp_path / "kept"), keep_aux=True, progress=False)
+
+
+def _tool(name):
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "convert", name + ".py")
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_export_cli_keeps_the_users_umask_and_asks_for_overwrite(trained, tmp_path, capsys):
+    root, cfg, save = trained
+    export = _tool("export_inference")
+    dst = tmp_path / "cli" / "w4a4"
+    old = os.umask(0o027)
+    try:
+        assert export.main(["--src", save, "--dst", str(dst), "--no-progress"]) == 0
+    finally:
+        os.umask(old)
+    assert {f.name: oct(f.stat().st_mode & 0o777) for f in dst.iterdir()} == {
+        "model.safetensors": "0o640", "config.json": "0o640", "quantization_config.json": "0o640"}
+    assert oct(dst.stat().st_mode & 0o777) == "0o750"
+    capsys.readouterr()
+    assert export.main(["--src", save, "--dst", str(dst), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: {dst} already holds an export (model.safetensors, config.json, quantization_config.json);"
+                   " add --overwrite to replace it (overwrite=True from Python)")
+    assert export.main(["--src", save, "--dst", str(dst), "--no-progress", "--overwrite"]) == 0
+
+
+def test_export_cli_says_a_missing_source_does_not_exist(tmp_path, capsys):
+    export = _tool("export_inference")
+    missing = tmp_path / "runs" / "nope"
+    assert export.main(["--src", str(missing), "--dst", str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err.strip() == f"error: {missing} does not exist"
+    assert not (tmp_path / "out").exists()

@@ -49,7 +49,7 @@ def ref_act_codes(x, lower_logit, upper_logit, bits, c=0.95):
     return torch.clamp(torch.round(x / s) + z, 0, qmax), s, z
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4])  # the weight widths QuantConfig accepts (WEIGHT_BITS)
 def test_weight_quantizer_matches_float64_reference(bits):
     torch.manual_seed(bits)
     w = torch.randn(24, 40) * torch.linspace(0.1, 3.0, 24).unsqueeze(1)

@@ -271,6 +271,8 @@ def test_student_closes_the_gap_on_a_fixed_batch(teacher_ckpt):
     cfg = tiny_cfg(str(root / "overfit"), steps=30)
     import dataclasses
 
-    cfg = dataclasses.replace(cfg, quant=QuantConfig.for_method("lsq", "w8a8"))
+    cfg = dataclasses.replace(cfg, quant=QuantConfig.for_method("lsq", "w4a8"))
     losses = run_distributed(_overfit, 1, cfg, teacher, 25)[0]["losses"]
-    assert float(losses[-3:].mean()) < float(losses[:3].mean()) / 4, losses
+    # 4-bit weights leave an error floor (measured: 0.121 -> 0.038, 3.1x; W8 weights, which reached 4x, are not
+    # a supported width: config.quant.WEIGHT_BITS)
+    assert float(losses[-3:].mean()) < float(losses[:3].mean()) / 2.5, losses

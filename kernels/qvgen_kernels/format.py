@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Tuple
@@ -222,11 +222,32 @@ class InferenceExport:
 
 
 # ---------------------------------------------------------------------------- writer
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (os.umask can only swap it)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def chmod_per_umask(path: os.PathLike) -> None:
+    """Give a file (or folder) the mode a plain ``open`` (``mkdir``) would have: writers such as safetensors and
+    tempfile create theirs private (0600 / 0700), which a rename would carry over to the user's output."""
+    full = 0o777 if os.path.isdir(path) else 0o666
+    os.chmod(path, full & ~current_umask())
+
+
 def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = str(path.parent / f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
         write(tmp)
+        chmod_per_umask(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -244,6 +265,11 @@ def _write_json(path: Path, data: dict) -> None:
     _atomic_write(path, write)
 
 
+def existing_export_files(dst: os.PathLike) -> Tuple[str, ...]:
+    """The export files already in ``dst`` (what writing there would replace)."""
+    return tuple(f for f in EXPORT_FILES if (Path(dst) / f).exists())
+
+
 def write_export(dst: os.PathLike, transformer_config: dict, quant_config: QuantizationConfig,
                  linears: Mapping[str, QuantizedLinearExport], tensors: Mapping[str, torch.Tensor],
                  overwrite: bool = False) -> Path:
@@ -253,9 +279,10 @@ def write_export(dst: os.PathLike, transformer_config: dict, quant_config: Quant
     """
     dst = Path(dst)
     if not overwrite:
-        existing = [f for f in EXPORT_FILES if (dst / f).exists()]
+        existing = existing_export_files(dst)
         if existing:
-            raise FileExistsError(f"{dst} already holds an export ({', '.join(existing)}); pass overwrite=True")
+            raise FileExistsError(f"{dst} already holds an export ({', '.join(existing)}); pass overwrite=True "
+                                  "to replace it")
     config = QuantizationConfig(weight_bits=quant_config.weight_bits, act_bits=quant_config.act_bits,
                                 act_clip_ratio=quant_config.act_clip_ratio,
                                 num_timestep_groups=quant_config.num_timestep_groups,

@@ -15,7 +15,10 @@ from megatron_qvgen.config.model import MODEL_CONFIGS
 
 
 def parse_override_args(argv: Sequence[str]) -> List[Tuple[str, str]]:
-    """``["--a.b", "1", "--c.d=x"]`` -> ``[("a.b", "1"), ("c.d", "x")]``."""
+    """``["--a.b", "1", "--c.d=x"]`` -> ``[("a.b", "1"), ("c.d", "x")]``.
+
+    A flag followed by another ``--flag`` (or by nothing) has no value: refused, not swallowed as one.
+    """
     pairs, i = [], 0
     argv = list(argv)
     while i < len(argv):
@@ -27,8 +30,8 @@ def parse_override_args(argv: Sequence[str]) -> List[Tuple[str, str]]:
             key, value = key.split("=", 1)
             i += 1
         else:
-            if i + 1 >= len(argv):
-                raise ConfigError(f"--{key} needs a value")
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                raise ConfigError(f"--{key} needs a value (--{key} VALUE or --{key}=VALUE)")
             value = argv[i + 1]
             i += 2
         pairs.append((key.replace("-", "_"), value))

@@ -12,7 +12,12 @@ from typing import Optional, Tuple
 from megatron_qvgen.config.errors import ConfigError
 
 METHODS = ("qvgen", "lsq", "qvgen_keep_aux", "decay_all")
-BIT_PRESETS = {"w4a4": (4, 4), "w3a3": (3, 3), "w8a8": (8, 8), "w4a8": (4, 8)}
+# Bit widths supported end to end (fake-quant training, inference export, qvgen_kernels runtime); a test checks
+# them against qvgen_kernels. Weights: the export packs two codes a byte and QuantizedLinear takes at most 4 bits.
+# Activations: 8-bit codes at most (the runtime's Triton path up to 7 bits, its torch path at 8).
+WEIGHT_BITS = (2, 3, 4)
+ACT_BITS = (2, 3, 4, 5, 6, 7, 8)
+BIT_PRESETS = {"w4a4": (4, 4), "w3a3": (3, 3), "w4a8": (4, 8)}
 
 
 @dataclass
@@ -47,10 +52,13 @@ class QuantConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ConfigError(f"quant.method must be one of {METHODS}, got {self.method!r}")
-        for name in ("weight_bits", "act_bits"):
-            bits = getattr(self, name)
-            if not isinstance(bits, int) or not 2 <= bits <= 8:
-                raise ConfigError(f"quant.{name} must be an integer in [2, 8], got {bits!r}")
+        if type(self.weight_bits) is not int or self.weight_bits not in WEIGHT_BITS:
+            raise ConfigError(f"quant.weight_bits must be one of {', '.join(map(str, WEIGHT_BITS))}, got "
+                              f"{self.weight_bits!r}: the inference export packs two weight codes a byte and its "
+                              "kernels take at most 4 bits")
+        if type(self.act_bits) is not int or self.act_bits not in ACT_BITS:
+            raise ConfigError(f"quant.act_bits must be an integer in [{ACT_BITS[0]}, {ACT_BITS[-1]}], got "
+                              f"{self.act_bits!r}")
         if not 0.0 < self.act_clip_ratio <= 1.0:
             raise ConfigError(f"quant.act_clip_ratio must be in (0, 1], got {self.act_clip_ratio}")
         if not 0.0 < self.act_clip_init < 1.0:

@@ -13,12 +13,9 @@ the streaming writer produces the same layout, marker included.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -27,6 +24,7 @@ import torch
 
 from megatron_qvgen.config import ConfigError, ModelConfig
 from megatron_qvgen.config.model import model_config_from_dict
+from megatron_qvgen.convert.atomic_folder import new_folder
 from megatron_qvgen.convert.errors import ConversionError
 from megatron_qvgen.dist_ckpt import (COMPLETE_MARKER, CheckpointError, load_common, load_sharded,
                                      save_sharded)
@@ -75,22 +73,6 @@ def check_dist_checkpoint(ckpt_dir: str | os.PathLike) -> None:
         raise ConversionError(f"{path}: sharded_backend is {backend!r}; only 'torch_dist' is supported")
 
 
-# ------------------------------------------------------------------ atomic folders
-@contextlib.contextmanager
-def _new_folder(dst: Path):
-    """Yield a temporary sibling folder that becomes ``dst`` on success (``dst`` must not exist)."""
-    if dst.exists():
-        raise ConversionError(f"{dst} already exists; choose a new destination (nothing is overwritten)")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    try:
-        yield tmp
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # our own temporary folder
-        raise
-
-
 # ------------------------------------------------------------------ streaming write (one process)
 def write_streaming(dst: str | os.PathLike, tensors: Sequence[Tuple[str, Tuple[int, ...], torch.dtype, TensorLoader]],
                     model_cfg: ModelConfig, progress: bool = True) -> Path:
@@ -114,7 +96,7 @@ def write_streaming(dst: str | os.PathLike, tensors: Sequence[Tuple[str, Tuple[i
 
     placeholders = {key: torch.empty(shape, dtype=dtype, device="meta") for key, shape, dtype, _ in tensors}
     dst = Path(dst)
-    with _new_folder(dst) as tmp:
+    with new_folder(dst) as tmp:
         # One file per tensor and one writer thread: only the tensor being written is in memory.
         writer = dcp.FileSystemWriter(str(tmp), single_file_per_rank=False, thread_count=1)
         with warnings.catch_warnings():

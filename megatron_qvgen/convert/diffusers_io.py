@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Dict, Iterable, Tuple
 
@@ -19,6 +17,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from megatron_qvgen.config import CogVideoXConfig, ConfigError, WanConfig
+from megatron_qvgen.convert.atomic_folder import new_folder
 from megatron_qvgen.convert.errors import ConversionError
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -196,18 +195,9 @@ def write_diffusers_folder(dst: str | os.PathLike, config: dict, tensors: Iterab
 
     ``tensors`` is consumed lazily; at most one shard is held in memory.
     """
-    dst = Path(dst)
-    if dst.exists():
-        raise ConversionError(f"{dst} already exists; choose a new destination (nothing is overwritten)")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    try:
+    with new_folder(dst) as tmp:
         _write_shards(tmp, config, tensors, max_shard_bytes)
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # our own temporary folder
-        raise
-    return dst
+    return Path(dst)
 
 
 def _write_shards(tmp: Path, config: dict, tensors: Iterable[Tuple[str, torch.Tensor]],

@@ -28,13 +28,17 @@ from megatron_qvgen.convert.tables import table_for
 from megatron_qvgen.dist_ckpt import is_complete, load_common
 from megatron_qvgen.quant.rank_decay import RankDecaySchedule
 from qvgen_kernels import codes
-from qvgen_kernels.format import QuantizationConfig, QuantizedLinearExport, write_export
+from qvgen_kernels.format import QuantizationConfig, QuantizedLinearExport, existing_export_files, write_export
 
 QUANT_MARK = ".weight_quantizer.scale"
 
 
 class AuxiliaryModuleNotDecayed(ConversionError):
     """The checkpoint still holds live auxiliary factors (rank > 0)."""
+
+
+class ExportExists(ConversionError, FileExistsError):
+    """The destination already holds an export and ``overwrite`` was not asked for."""
 
 
 @dataclass
@@ -50,6 +54,8 @@ def resolve_checkpoint(src: str | os.PathLike) -> Path:
     """A training run directory (its ``latest``) or one ``iter_*`` checkpoint."""
     from megatron_qvgen.training.checkpointing import latest_checkpoint
 
+    if not Path(src).exists():
+        raise ConversionError(f"{src} does not exist")
     path = latest_checkpoint(str(src))
     if path is None:
         raise ConversionError(f"{src}: no complete training checkpoint (neither a checkpoint folder nor a run "
@@ -68,6 +74,10 @@ def _training_config(ckpt: Path) -> Tuple[ExperimentConfig, int]:
 
 def export_inference(src: str | os.PathLike, dst: str | os.PathLike, *, keep_aux: bool = False,
                      overwrite: bool = False, progress: bool = True) -> InferenceExportSummary:
+    existing = () if overwrite else existing_export_files(dst)
+    if existing:   # refused before the (long) quantization, not after it
+        raise ExportExists(f"{dst} already holds an export ({', '.join(existing)}); add --overwrite to replace it "
+                           "(overwrite=True from Python)")
     ckpt = resolve_checkpoint(src)
     cfg, step = _training_config(ckpt)
     stored = checkpoint_shapes(ckpt)

@@ -31,3 +31,11 @@ def get_recipe(name: str) -> ExperimentConfig:
 
 def recipe_names() -> List[str]:
     return sorted(_RECIPES)
+
+
+def recipe_summary(name: str) -> str:
+    """The first sentence of the recipe's docstring, on one line (what ``--help`` shows next to its name)."""
+    if name not in _RECIPES:
+        raise ConfigError(f"unknown recipe {name!r}; known recipes: {', '.join(sorted(_RECIPES))}")
+    first_paragraph = (_RECIPES[name].__doc__ or "").strip().split("\n\n")[0]
+    return " ".join(first_paragraph.split()).split(". ")[0].rstrip(".")

@@ -1,4 +1,5 @@
-"""What a run shows: TensorBoard scalars and images, and the same figures as one console line per log step.
+"""What a run shows: TensorBoard scalars and images, and the same figures as one console line per log step
+(plus a progress bar when stderr is a terminal).
 
 Only the logging rank (last pipeline stage, first TP and DP rank: it holds the loss) writes. FLOPs are the
 model's own count per sample (linears and attention, forward = 1x, backward = 2x): the student's
@@ -14,6 +15,16 @@ from typing import Dict, Optional
 import torch
 
 from megatron_qvgen.config import ModelConfig
+
+
+# What the console line shows, in order: (scalar key, label). Labels say what the number is: the learning rate
+# of the weights' group is `lr`, the auxiliary module's current rank is `aux_rank`.
+CONSOLE_FIELDS = (
+    ("loss", "loss"), ("eval/loss", "eval_loss"), ("grad_norm", "grad_norm"), ("lr/weights", "lr"),
+    ("aux/rank", "aux_rank"), ("aux/gate", "aux_gate"), ("throughput/samples_per_s", "samples_per_s"),
+    ("throughput/tflops_per_gpu", "tflops_per_gpu"), ("memory/peak_gib", "peak_gib"),
+    ("data/bad_samples", "bad_samples"), ("nonfinite/skipped", "nonfinite_skipped"),
+)
 
 
 def forward_flops_per_sample(model: ModelConfig, video_tokens: int) -> float:
@@ -46,7 +57,8 @@ class Monitor:
 
             self.writer = SummaryWriter(log_dir=tensorboard_dir)
         self.bar = None
-        if is_logging_rank and progress_bar and total_steps:
+        # The bar is for a terminal; in a log file its redraws would bury the one line per log interval.
+        if is_logging_rank and progress_bar and total_steps and sys.stderr.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, desc="QAT distillation", unit="step",
@@ -82,11 +94,9 @@ class Monitor:
         if not self.is_logging_rank:
             return
         parts = [f"step {step}/{total}"]
-        for key in ("loss", "eval/loss", "grad_norm", "lr/weights", "aux/rank", "aux/gate", "throughput/samples_per_s",
-                    "throughput/tflops_per_gpu", "memory/peak_gib", "data/bad_samples", "nonfinite/skipped"):
+        for key, label in CONSOLE_FIELDS:
             if key in values and values[key] is not None:
                 v = values[key]
-                label = key.replace("/", "_") if key.startswith("eval/") else key.split("/")[-1]
                 parts.append(f"{label} {v:.4g}" if isinstance(v, float) else f"{label} {v}")
         line = " | ".join(parts)
         if self.bar is not None:

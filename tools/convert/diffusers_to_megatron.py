@@ -10,16 +10,14 @@ splits that way before anything is written.
 """
 import argparse
 import sys
-import warnings
 
-warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*not installed.*")
-from megatron_qvgen.config import ConfigError
-from megatron_qvgen.dist_ckpt import CheckpointError
-from megatron_qvgen.convert.diffusers_io import CLASS_NAMES
-from megatron_qvgen.convert.to_megatron import diffusers_to_megatron
+from megatron_qvgen import cli
 
 
-def main(argv=None) -> int:
+def _main(argv) -> int:
+    from megatron_qvgen.convert.diffusers_io import CLASS_NAMES
+    from megatron_qvgen.convert.to_megatron import diffusers_to_megatron
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(CLASS_NAMES), default="wan")
     parser.add_argument("--src", required=True, help="diffusers transformer folder (or its pipeline folder)")
@@ -28,14 +26,15 @@ def main(argv=None) -> int:
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to validate")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    try:
-        summary = diffusers_to_megatron(args.src, args.dst, arch=args.model, tensor_parallel=args.tp,
-                                        pipeline_parallel=args.pp, progress=not args.no_progress)
-    except (CheckpointError, ConfigError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    summary = diffusers_to_megatron(args.src, args.dst, arch=args.model, tensor_parallel=args.tp,
+                                    pipeline_parallel=args.pp, progress=not args.no_progress)
     print(f"wrote {summary.destination}: {summary.tensors} tensors, {summary.parameters:,} parameters")
     return 0
+
+
+def main(argv=None) -> int:
+    cli.quiet_console()
+    return cli.run(lambda: _main(argv))
 
 
 if __name__ == "__main__":

@@ -9,33 +9,32 @@ neither megatron nor this training code. ``--src`` is a run's checkpoint directo
 """
 import argparse
 import sys
-import warnings
 
-warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*not installed.*")
-from megatron_qvgen.config import ConfigError
-from megatron_qvgen.convert.to_inference import export_inference
-from megatron_qvgen.dist_ckpt import CheckpointError
-from qvgen_kernels.format import ExportFormatError
+from megatron_qvgen import cli
 
 
-def main(argv=None) -> int:
+def _main(argv) -> int:
+    from megatron_qvgen.convert.to_inference import export_inference
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--src", required=True, help="training checkpoint (run directory or iter_* folder)")
     parser.add_argument("--dst", required=True, help="export folder")
     parser.add_argument("--keep-aux", action="store_true",
                         help="export live auxiliary factors (rank > 0) as a bf16 low-rank side branch")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing export in --dst")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing export in --dst (other files there are left alone)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    try:
-        s = export_inference(args.src, args.dst, keep_aux=args.keep_aux, overwrite=args.overwrite,
-                             progress=not args.no_progress)
-    except (CheckpointError, ConfigError, ExportFormatError, FileExistsError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    s = export_inference(args.src, args.dst, keep_aux=args.keep_aux, overwrite=args.overwrite,
+                         progress=not args.no_progress)
     print(f"wrote {s.destination}: {s.quantized} quantized linears, {s.plain} other tensors (step {s.step}"
           + (f", auxiliary rank {s.aux_rank} kept as a side branch" if s.aux_rank else "") + ")")
     return 0
+
+
+def main(argv=None) -> int:
+    cli.quiet_console()
+    return cli.run(lambda: _main(argv))
 
 
 if __name__ == "__main__":

@@ -7,15 +7,13 @@ as the checkpoint records).
 """
 import argparse
 import sys
-import warnings
 
-warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*not installed.*")
-from megatron_qvgen.config import ConfigError
-from megatron_qvgen.dist_ckpt import CheckpointError
-from megatron_qvgen.convert.to_diffusers import megatron_to_diffusers
+from megatron_qvgen import cli
 
 
-def main(argv=None) -> int:
+def _main(argv) -> int:
+    from megatron_qvgen.convert.to_diffusers import megatron_to_diffusers
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--src", required=True, help="megatron dist checkpoint folder")
     parser.add_argument("--dst", required=True, help="new diffusers folder (must not exist)")
@@ -23,16 +21,16 @@ def main(argv=None) -> int:
     parser.add_argument("--max-shard-gib", type=float, default=5.0, help="size of each safetensors shard")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    try:
-        summary = megatron_to_diffusers(args.src, args.dst, key_prefix=args.key_prefix,
-                                        max_shard_bytes=int(args.max_shard_gib * 2**30),
-                                        progress=not args.no_progress)
-    except (CheckpointError, ConfigError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    summary = megatron_to_diffusers(args.src, args.dst, key_prefix=args.key_prefix,
+                                    max_shard_bytes=int(args.max_shard_gib * 2**30), progress=not args.no_progress)
     print(f"wrote {summary.destination}: {summary.tensors} tensors"
           + (f" ({len(summary.skipped_keys)} other checkpoint keys left out)" if summary.skipped_keys else ""))
     return 0
+
+
+def main(argv=None) -> int:
+    cli.quiet_console()
+    return cli.run(lambda: _main(argv))
 
 
 if __name__ == "__main__":

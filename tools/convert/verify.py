@@ -7,27 +7,25 @@ The world size must be a multiple of TP x PP.
 """
 import argparse
 import sys
-import warnings
 
-warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*not installed.*")
-import torch
+from megatron_qvgen import cli
 
-from megatron_qvgen.config import ConfigError
-from megatron_qvgen.dist_ckpt import CheckpointError
-from megatron_qvgen.convert.verify import verify_conversion
-from megatron_qvgen.parallel import destroy_parallel, init_distributed
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = ("fp32", "bf16")
 
 
-def main(argv=None) -> int:
+def _main(argv) -> int:
+    import torch
+
+    from megatron_qvgen.convert.verify import verify_conversion
+    from megatron_qvgen.parallel import destroy_parallel, init_distributed
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--diffusers", required=True, help="diffusers transformer folder")
     parser.add_argument("--megatron", required=True, help="megatron dist checkpoint folder")
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--sequence-parallel", action="store_true")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--dtype", choices=DTYPES, default="fp32")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--latent-frames", type=int, default=2, help="latent frames / temporal patch")
     parser.add_argument("--latent-size", type=int, default=8, help="latent height and width / spatial patch")
@@ -37,19 +35,22 @@ def main(argv=None) -> int:
     init_distributed()
     try:
         result = verify_conversion(args.diffusers, args.megatron, tensor_parallel=args.tp, pipeline_parallel=args.pp,
-                                   sequence_parallel=args.sequence_parallel, dtype=DTYPES[args.dtype],
+                                   sequence_parallel=args.sequence_parallel,
+                                   dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype],
                                    seed=args.seed, latent_frames=args.latent_frames,
                                    latent_height=args.latent_size, latent_width=args.latent_size,
                                    text_len=args.text_len)
-    except (CheckpointError, ConfigError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
     finally:
         destroy_parallel()
     if result is not None:
         print(f"output {result.shape}: max abs diff {result.max_abs:.3e}, max rel diff {result.max_rel:.3e} "
               f"(reference max {result.reference_max:.3e}), tp={args.tp} pp={args.pp} dtype={args.dtype}")
     return 0
+
+
+def main(argv=None) -> int:
+    cli.quiet_console()
+    return cli.run(lambda: _main(argv))
 
 
 if __name__ == "__main__":
