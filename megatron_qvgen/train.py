@@ -5,7 +5,8 @@
 
 ``--init-from`` is a megatron checkpoint of the full-precision model (tools/convert/diffusers_to_megatron.py);
 without it the teacher (and so the student) start from the recipe's seeded random initialisation.
-A run resumes from ``train.load_dir`` (or ``train.save_dir``) when it holds a checkpoint.
+A run continues from its own newest checkpoint in ``train.save_dir``; ``train.load_dir`` only starts a run.
+Exit status: 0 finished, 75 stopped with a checkpoint to be requeued (training/run_control.py).
 """
 from __future__ import annotations
 
@@ -44,10 +45,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     init_distributed(None if cfg.parallel.backend == "auto" else cfg.parallel.backend)
     try:
-        Trainer(cfg, init_from=args.init_from).setup().train()
+        state = Trainer(cfg, init_from=args.init_from).setup().train()
     finally:
         destroy_parallel()
-    return 0
+    return state.outcome.exit_code  # 0 finished, 75 stopped to be requeued (training/run_control.py)
 
 
 if __name__ == "__main__":
