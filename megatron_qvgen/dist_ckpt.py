@@ -127,8 +127,10 @@ class AsyncSaves:
         from megatron.core.dist_checkpointing.strategies import filesystem_async
         from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
-        self._manager = multiprocessing.get_context("fork").Manager()
-        filesystem_async._results_queue = self._manager.Queue()
+        self._manager = None
+        if hasattr(filesystem_async, "_results_queue"):   # megatron-core's own writer (0.16); see module doc
+            self._manager = multiprocessing.get_context("fork").Manager()
+            filesystem_async._results_queue = self._manager.Queue()
         self._queue = AsyncCallsQueue(persistent=False)
 
     def schedule(self, request) -> None:
@@ -151,8 +153,9 @@ class AsyncSaves:
         try:
             self._queue.close()
         finally:
-            filesystem_async._results_queue = None
-            self._manager.shutdown()
+            if self._manager is not None:
+                filesystem_async._results_queue = None
+                self._manager.shutdown()
 
 
 def load_sharded(sharded_state_dict: Dict[str, Any], path: str) -> Dict[str, Any]:
