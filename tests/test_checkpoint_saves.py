@@ -4,19 +4,11 @@ from exactly."""
 import os
 import signal
 
-import pytest
 import torch
 
 from multiproc import run_distributed
-from test_trainer import _save_teacher, tiny_cfg
+from test_trainer import teacher_ckpt, tiny_cfg  # noqa: F401 - teacher_ckpt: the fixture
 
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    root = tmp_path_factory.mktemp("saves")
-    path = str(root / "teacher")
-    run_distributed(_save_teacher, 1, tiny_cfg(str(root / "x")), path)
-    return root, path
 
 
 def _train(rank, world, cfg, init_from, signal_at=None):
@@ -45,8 +37,8 @@ def _bytes_by_rank(checkpoint):
     return sizes
 
 
-def test_fully_parallel_and_async_saves(teacher):
-    root, init = teacher
+def test_fully_parallel_and_async_saves(teacher_ckpt):
+    root, init = teacher_ckpt
     runs = {}
     for name, fields in (("plain", dict(fully_parallel_save=False)), ("parallel", {}),
                          ("async", dict(async_save=True))):

@@ -8,17 +8,10 @@ import pytest
 import torch
 
 from multiproc import DistributedTestError, run_distributed
-from test_trainer import _save_teacher, tiny_cfg
+from test_trainer import teacher_ckpt, tiny_cfg  # noqa: F401 - teacher_ckpt: the fixture
 
 STEPS = 8
 
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    root = tmp_path_factory.mktemp("preempt")
-    path = str(root / "teacher")
-    run_distributed(_save_teacher, 1, tiny_cfg(str(root / "x")), path)
-    return root, path
 
 
 def _train(rank, world, cfg, init_from, signal_at=None, signal_in_setup=False, signal_in_save=None,
@@ -87,8 +80,8 @@ def _same_weights(a, b):
     return all(torch.equal(a[k], b[k]) for k in b) and a.keys() == b.keys()
 
 
-def test_signal_during_a_step_then_during_setup_then_a_clean_finish(teacher):
-    root, init = teacher
+def test_signal_during_a_step_then_during_setup_then_a_clean_finish(teacher_ckpt):
+    root, init = teacher_ckpt
     ref = run_distributed(_train, 2, _cfg(root, "ref")[0], init)          # DP = 2, uninterrupted
     cfg, save = _cfg(root, "step")
     # SIGUSR1 on rank 1 only, at the start of step 4: every rank finishes it, saves step 4 and stops
@@ -107,8 +100,8 @@ def test_signal_during_a_step_then_during_setup_then_a_clean_finish(teacher):
         assert _same_weights(third[rank]["weights"], ref[rank]["weights"]), "interrupted run differs"
 
 
-def test_signal_during_a_save_and_a_kill_during_a_save(teacher):
-    root, init = teacher
+def test_signal_during_a_save_and_a_kill_during_a_save(teacher_ckpt):
+    root, init = teacher_ckpt
     cfg, save = _cfg(root, "save", save_interval=3)
     # SIGTERM while step 3's checkpoint is being written: the save completes, then the run stops
     first = run_distributed(_train, 1, cfg, init, signal_in_save=3)[0]
@@ -147,8 +140,8 @@ def test_time_based_save_and_stop_are_rank_0s_decision_on_every_rank():
     assert all(o["stop"] == "" and bool(o["save"]) for o in out)
 
 
-def test_time_based_save_and_exit_in_a_run(teacher):
-    root, init = teacher
+def test_time_based_save_and_exit_in_a_run(teacher_ckpt):
+    root, init = teacher_ckpt
     cfg, save = _cfg(root, "clock", save_interval_minutes=30.0, exit_after_minutes=600.0)
     out = run_distributed(_train, 1, cfg, init, clock_at=(2, "save"))[0]   # 30 min "pass" during step 3
     assert int(out["exit"]) == 0 and "iter_0000003" in os.listdir(save)
@@ -159,10 +152,10 @@ def test_time_based_save_and_exit_in_a_run(teacher):
     assert sorted(os.listdir(save)) == ["iter_0000005", "latest"]
 
 
-def test_tensorboard_after_a_kill_and_throughput_without_save_time(teacher):
+def test_tensorboard_after_a_kill_and_throughput_without_save_time(teacher_ckpt):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    root, init = teacher
+    root, init = teacher_ckpt
     cfg, save = _cfg(root, "tb", save_interval=3)
     with pytest.raises(DistributedTestError):
         run_distributed(_train, 1, cfg, init, kill_in_save=6)   # logged steps 1-6, checkpoint of 3 only

@@ -13,7 +13,7 @@ from megatron_qvgen.training.checkpointing import latest_checkpoint
 from megatron_qvgen.training.retention import complete_checkpoints, prune, remove_stale_saves
 from megatron_qvgen.training.run_lock import LOCK_NAME, RunDirectoryLocked, RunLock
 from multiproc import DistributedTestError, run_distributed
-from test_trainer import _save_teacher, tiny_cfg
+from test_trainer import teacher_ckpt, tiny_cfg  # noqa: F401 - teacher_ckpt: the fixture
 
 
 def _fake_checkpoint(save_dir, step, complete=True):
@@ -67,16 +67,9 @@ def _setup_only(rank, world, cfg, init_from):
     return {}
 
 
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    root = tmp_path_factory.mktemp("rundir")
-    path = str(root / "teacher")
-    run_distributed(_save_teacher, 1, tiny_cfg(str(root / "x")), path)
-    return root, path
 
-
-def test_a_second_trainer_on_a_locked_run_directory_is_refused_on_every_rank(teacher):
-    root, init = teacher
+def test_a_second_trainer_on_a_locked_run_directory_is_refused_on_every_rank(teacher_ckpt):
+    root, init = teacher_ckpt
     save = str(root / "locked" / "ckpt")
     _write_lock(save, host="another-node", job_id="99", pid=1, since="earlier")
     with pytest.raises(DistributedTestError) as err:
@@ -134,8 +127,8 @@ def _train(rank, world, cfg, init_from, stop_at=None):
             "exit": torch.tensor(state.outcome.exit_code), "line": state.outcome.line()}
 
 
-def test_requeued_run_continues_its_own_checkpoints_not_load_dir(teacher):
-    root, init = teacher
+def test_requeued_run_continues_its_own_checkpoints_not_load_dir(teacher_ckpt):
+    root, init = teacher_ckpt
     base = str(root / "base")
     base_save = os.path.join(base, "ckpt")
     run_distributed(_train, 1, tiny_cfg(base, steps=4, save_dir=base_save), init)
@@ -153,3 +146,23 @@ def test_requeued_run_continues_its_own_checkpoints_not_load_dir(teacher):
     # retention: keep_last=2 newest complete ones (10 is latest); the lock is gone
     assert sorted(os.listdir(save)) == ["iter_0000008", "iter_0000010", "latest"]
     assert open(os.path.join(save, "latest")).read().strip() == "iter_0000010"
+
+
+# ---------------------------------------------------------------------------------------- start-up rules
+def test_start_point_warnings_and_bad_values(tmp_path, caplog):
+    from megatron_qvgen.config import ConfigError, TrainConfig
+    from megatron_qvgen.training.run_directory import _open_on_rank0
+
+    cfg = tiny_cfg(str(tmp_path / "nosave"))
+    start = _open_on_rank0(cfg)
+    assert start.resume is None and caplog.text.count("train.save_dir is not set: nothing of this run will be saved") == 1
+    missing = tiny_cfg(str(tmp_path / "r"), save_dir=str(tmp_path / "r" / "ckpt"), load_dir=str(tmp_path / "empty"))
+    with pytest.raises(ConfigError, match=r"train.load_dir .*empty holds no complete checkpoint"):
+        _open_on_rank0(missing)
+    assert not os.path.exists(tmp_path / "r" / "ckpt")     # refused: the run directory it made is gone again
+    for field, value, message in (("keep_last", -1, "train.keep_last must be an integer >= 0"),
+                                  ("exit_after_minutes", -5, "train.exit_after_minutes must be a number >= 0"),
+                                  ("save_interval_minutes", "x", "train.save_interval_minutes must be a number"),
+                                  ("async_save", True, "train.async_save needs train.save_dir")):
+        with pytest.raises(ConfigError, match=message):
+            TrainConfig(**{field: value})

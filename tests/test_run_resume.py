@@ -9,10 +9,9 @@ import sys
 import pytest
 import torch
 
-from megatron_qvgen.config import QuantConfig
 from megatron_qvgen.training.run_config_check import RunConfigMismatch, plan_resume
 from multiproc import run_distributed
-from test_trainer import _save_teacher, tiny_cfg
+from test_trainer import teacher_ckpt, tiny_cfg  # noqa: F401 - teacher_ckpt: the fixture
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -87,16 +86,9 @@ def _run(rank, world, cfg, init_from):
             "phase_steps": torch.tensor(trainer.cfg.decay_phase_steps)}
 
 
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    root = tmp_path_factory.mktemp("resume")
-    path = str(root / "teacher")
-    run_distributed(_save_teacher, 1, tiny_cfg(str(root / "x")), path)
-    return root, path
 
-
-def test_extending_train_steps_follows_a_schedule_of_the_new_length(teacher):
-    root, init = teacher
+def test_extending_train_steps_follows_a_schedule_of_the_new_length(teacher_ckpt):
+    root, init = teacher_ckpt
     run = str(root / "extend")
     save = os.path.join(run, "ckpt")
     first = run_distributed(_run, 1, _derived_phases(tiny_cfg(run, save_dir=save, warmup_fraction=0.2), 10), init)[0]

@@ -19,13 +19,13 @@ from __future__ import annotations
 import logging
 import os
 import random
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_qvgen.dist_ckpt import CheckpointError, is_complete, load_common, load_sharded, save_sharded
+from megatron_qvgen.dist_ckpt import is_complete, load_common, load_sharded, save_sharded
 from megatron_qvgen.training.retention import complete_checkpoints, prune
 
 log = logging.getLogger(__name__)
