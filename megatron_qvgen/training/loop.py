@@ -136,7 +136,7 @@ class Trainer:
         self.monitor = Monitor(self._is_logging_rank(), cfg.train.tensorboard_dir, self.info.world_size,
                                total_steps=cfg.train.steps, start_step=self.state.step,
                                purge_step=self.state.step + 1 if resume is not None else None)
-        self.saves = self._checkpoint_writer()
+        self.save_strategy, self.async_saves = self._checkpoint_writer()
         self._excluded_s = 0.0          # save / eval time inside the current log interval (not throughput)
         self._steps_since_log = 0
 
@@ -219,13 +219,14 @@ class Trainer:
         self.monitor.step_time()
         while True:
             decision = self.clock.poll()
-            if self.saves[1] is not None:
-                self.saves[1].poll()        # complete the background saves every rank has finished
+            if self.async_saves is not None:
+                self.async_saves.poll()     # complete the background saves every rank has finished
             if self.state.step >= t.steps:
                 return RunOutcome("finished", self.state.step, t.steps, self._save_if_new())
             if decision.stop:
                 path = self._save_if_new()
-                log.warning("%s: stopping at step %d", decision.stop, self.state.step)
+                if self.info.rank == 0:
+                    log.warning("%s: stopping at step %d", decision.stop, self.state.step)
                 return RunOutcome("stopped", self.state.step, t.steps, path, reason=decision.stop)
             if decision.save:
                 self._save_if_new()
@@ -323,7 +324,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint_writer(self):
-        """(save strategy, async queue) for this run's saves."""
+        """(save strategy, async save queue or None) for this run's saves."""
         from megatron.core import parallel_state as ps
 
         from megatron_qvgen.dist_ckpt import AsyncSaves, save_strategy
@@ -341,10 +342,9 @@ class Trainer:
         step = self.state.step
         common = {"data": self.loader.state_dict(), "nonfinite_skipped": self.state.nonfinite_skipped,
                   "config": self.cfg.to_dict()}
-        strategy, async_saves = self.saves
         path = ckpt.save_checkpoint(t.save_dir, step, self.opt.chunks, self.opt.optimizer, self.opt.scheduler,
-                                    common, model_cfg=self.cfg.model, keep_last=t.keep_last, strategy=strategy,
-                                    async_saves=async_saves,
+                                    common, model_cfg=self.cfg.model, keep_last=t.keep_last,
+                                    strategy=self.save_strategy, async_saves=self.async_saves,
                                     on_complete=lambda p: self._saved(p, step, began))
         blocked = time.monotonic() - began
         self._excluded_s += blocked
@@ -359,21 +359,21 @@ class Trainer:
             log.info("checkpoint %s complete in %.1f s; the slowest step took %.1f s: a stop signal must come "
                      ">= %.0f s before the time limit", path, seconds, self.clock.slowest_step_s,
                      self.clock.signal_lead_needed_s())
-        if self.saves[1] is not None:
+        if self.async_saves is not None:
             self.monitor.scalars(step, {"checkpoint/async_complete_seconds": seconds})
 
     def _save_if_new(self) -> Optional[str]:
         """Save unless this step is already on disk; returns the newest checkpoint of this run."""
         if self.saved_step != self.state.step:
             self.save()
-        if self.saves[1] is not None:
-            self.saves[1].poll()
+        if self.async_saves is not None:
+            self.async_saves.poll()
         return ckpt.iteration_dir(self.cfg.train.save_dir, self.saved_step) if (
             self.cfg.train.save_dir and self.saved_step) else None
 
     def _finish_saves(self) -> None:
-        if getattr(self, "saves", None) and self.saves[1] is not None:
-            self.saves[1].close()
+        if getattr(self, "async_saves", None) is not None:
+            self.async_saves.close()
 
     def _release(self) -> None:
         """Give back what the run holds: signal handlers, TensorBoard, the run-directory lock."""
