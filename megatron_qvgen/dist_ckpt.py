@@ -5,18 +5,23 @@ Used by training checkpoints and by the conversion tools. A checkpoint is writte
 leaves a directory that looks complete. torch_dist checkpoints are resharding-agnostic: a checkpoint
 saved at one TP/PP loads at another.
 
+Saves can be spread over the data-parallel ranks (megatron's ``FullyParallelSaveStrategyWrapper``: each
+tensor replicated over DP is written by one of its replicas, not all by DP rank 0) and run in the
+background (megatron's async save: a forked process writes a copy-on-write snapshot of the tensors while
+training continues; :class:`AsyncSaves` completes them).
+
 Trap handled here (../shared/MCORE_ON_CPU.md): megatron's filesystem writer creates its results queue
 through a *spawn*-context ``multiprocessing.Manager`` on first use, which costs ~3 s per process and
-hangs in scripts without a ``__main__`` guard. Our saves are synchronous (the writer runs in the saving
-process), so an in-process ``queue.Queue`` is all it needs: instant, no server process. (An async save
-from a forked writer would need a process-shared queue; this project does not use async saves.)
+hangs in scripts without a ``__main__`` guard. A synchronous save writes in the saving process, so an
+in-process ``queue.Queue`` is all it needs; an async save's writer is a forked process, so its results
+come back through a *fork*-context Manager queue (~0.1 s, shut down by :meth:`AsyncSaves.close`).
 """
 from __future__ import annotations
 
 import os
 import queue
 import shutil
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -35,6 +40,20 @@ def _install_fast_results_queue() -> None:
         filesystem_async._results_queue = queue.Queue()
 
 
+def save_strategy(fully_parallel_group=None):
+    """torch_dist, wrapped so that ``fully_parallel_group``'s ranks share the writing of the tensors they
+    replicate (None: plain torch_dist)."""
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+
+    strategy = get_default_save_sharded_strategy("torch_dist")
+    if fully_parallel_group is None:
+        return strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+
+    # no cached distribution: the state dict changes when rank decay removes the auxiliary factors
+    return FullyParallelSaveStrategyWrapper(strategy, fully_parallel_group, do_cache_distribution=False)
+
+
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
@@ -48,11 +67,17 @@ def is_complete(path: str) -> bool:
     return os.path.isfile(os.path.join(path, COMPLETE_MARKER))
 
 
-def save_sharded(sharded_state_dict: Dict[str, Any], path: str, overwrite: bool = False) -> None:
-    """Collective: every rank calls it with its own sharded state dict."""
+def save_sharded(sharded_state_dict: Dict[str, Any], path: str, overwrite: bool = False, strategy=None,
+                 async_saves: Optional["AsyncSaves"] = None, on_complete: Optional[Callable[[], None]] = None) -> None:
+    """Collective: every rank calls it with its own sharded state dict.
+
+    ``on_complete`` runs on every rank (collectively) once ``path`` is complete. With ``async_saves`` the
+    tensors are written in the background: this returns once they are snapshotted, and the completion
+    (marker, rename, ``on_complete``) happens when :meth:`AsyncSaves.poll` finds every rank done."""
     from megatron.core import dist_checkpointing
 
-    _install_fast_results_queue()
+    if async_saves is None:
+        _install_fast_results_queue()
     path = os.path.abspath(path)
     staging = path + ".incomplete"
     if _rank() == 0:
@@ -62,19 +87,75 @@ def save_sharded(sharded_state_dict: Dict[str, Any], path: str, overwrite: bool 
             shutil.rmtree(staging)
         os.makedirs(staging)
     _barrier()
-    dist_checkpointing.save(sharded_state_dict, staging)
-    _barrier()
-    if _rank() == 0:
-        with open(os.path.join(staging, COMPLETE_MARKER), "w") as f:
-            f.write("ok\n")
-        if os.path.exists(path):
-            old = path + ".replaced"
-            os.replace(path, old)
-            os.replace(staging, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(staging, path)
-    _barrier()
+
+    def complete() -> None:
+        _barrier()
+        if _rank() == 0:
+            _mark_and_rename(staging, path)
+        _barrier()
+        if on_complete is not None:
+            on_complete()
+
+    request = dist_checkpointing.save(sharded_state_dict, staging, sharded_strategy=strategy,
+                                      async_sharded_save=async_saves is not None)
+    if request is None:
+        complete()
+    else:
+        request.add_finalize_fn(complete)
+        async_saves.schedule(request)
+
+
+def _mark_and_rename(staging: str, path: str) -> None:
+    with open(os.path.join(staging, COMPLETE_MARKER), "w") as f:
+        f.write("ok\n")
+    if os.path.exists(path):
+        old = path + ".replaced"
+        os.replace(path, old)
+        os.replace(staging, path)
+        shutil.rmtree(old)
+    else:
+        os.replace(staging, path)
+
+
+class AsyncSaves:
+    """megatron's queue of background saves: :meth:`poll` completes the finished ones (collective, call it
+    on every rank at the same points), :meth:`wait` blocks until all are complete."""
+
+    def __init__(self):
+        import multiprocessing
+
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        self._manager = None
+        if hasattr(filesystem_async, "_results_queue"):   # megatron-core's own writer (0.16); see module doc
+            self._manager = multiprocessing.get_context("fork").Manager()
+            filesystem_async._results_queue = self._manager.Queue()
+        self._queue = AsyncCallsQueue(persistent=False)
+
+    def schedule(self, request) -> None:
+        self._queue.schedule_async_request(request)
+
+    @property
+    def pending(self) -> int:
+        return self._queue.get_num_unfinalized_calls()
+
+    def poll(self) -> List[int]:
+        return self._queue.maybe_finalize_async_calls(blocking=False)
+
+    def wait(self) -> None:
+        self._queue.maybe_finalize_async_calls(blocking=True)
+
+    def close(self) -> None:
+        """Complete what is pending, then stop the results queue's server process."""
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+        try:
+            self._queue.close()
+        finally:
+            if self._manager is not None:
+                filesystem_async._results_queue = None
+                self._manager.shutdown()
 
 
 def load_sharded(sharded_state_dict: Dict[str, Any], path: str) -> Dict[str, Any]:

@@ -5,8 +5,9 @@
 
 ``--init-from`` is a megatron checkpoint of the full-precision model (tools/convert/diffusers_to_megatron.py);
 without it the teacher (and so the student) start from the recipe's seeded random initialisation.
-A run resumes from ``train.load_dir`` (or ``train.save_dir``) when it holds a checkpoint.
+A run continues from its own newest checkpoint in ``train.save_dir``; ``train.load_dir`` only starts a run.
 Any config field is overridden with ``--section.field value``; ``--print-config`` shows them all.
+Exit status: 0 finished, 75 stopped with a checkpoint to be requeued (training/run_control.py), 1/2 an error.
 """
 from __future__ import annotations
 
@@ -38,13 +39,13 @@ def _main(argv: Optional[List[str]]) -> int:
 
     init_distributed(None if cfg.parallel.backend == "auto" else cfg.parallel.backend)
     try:
-        Trainer(cfg, init_from=args.init_from).setup().train()
+        state = Trainer(cfg, init_from=args.init_from).setup().train()
     except NonFiniteLossError as exc:   # names the limit and the intact checkpoint: no traceback needed
         cli.report_user_error(exc)
         return 1
     finally:
         destroy_parallel()
-    return 0
+    return state.outcome.exit_code  # 0 finished, 75 stopped to be requeued (training/run_control.py)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

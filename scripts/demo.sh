@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The main job on a fresh CPU machine: set-up, a tiny full-precision teacher fitted on synthetic latent shards
 # (both made if missing), then QVGen W4A4 QAT distillation of the tiny Wan recipe at TP=2 with rank decay to
-# r = 0, a progress bar, TensorBoard logs and a final checkpoint. Extra arguments override config fields,
-# e.g. `bash scripts/demo.sh --train.steps 120 --quant.weight_bits 3`.
+# r = 0, a progress bar, TensorBoard logs and a final checkpoint. Extra arguments override config fields.
+# Another run needs its own output folder (a run directory refuses a changed model or quantization):
+#   OUT_DIR=outputs/tiny_wan_w3 bash scripts/demo.sh --quant.weight_bits 3 --quant.act_bits 3
+# The same run, continued for more steps (the lr schedule follows the new length):
+#   bash scripts/demo.sh --train.steps 120
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh

@@ -31,10 +31,29 @@ class TrainConfig:
     # Flow-matching timestep shift (Wan); CogVideoX's snr shift lives in its recipe.
     flow_shift: float = 1.0
     snr_shift_scale: float = 1.0
-    # Checkpoints: None disables saving / loading.
+    # Checkpoints. save_dir: this run's directory (checkpoints, `latest`, the run lock); None saves nothing.
+    # A run always resumes from its own newest checkpoint; load_dir (a checkpoint or a run directory) is
+    # read only when save_dir holds none: it starts a new run from there.
     save_dir: Optional[str] = None
     save_interval: int = 0
     load_dir: Optional[str] = None
+    # Also save when this many minutes have passed since the last save (0 = off): a cadence that does not
+    # depend on how long a step takes at this resolution and layout.
+    save_interval_minutes: float = 0.0
+    # Save and stop (exit status 75, "stopped to be requeued") so that the checkpoint is complete within
+    # this many minutes of the start, judged from the measured step and save times (0 = off).
+    exit_after_minutes: float = 0.0
+    # Retention: after a save completes, keep the keep_last newest complete checkpoints (and always the one
+    # `latest` names); older ones are deleted. 0 keeps every checkpoint.
+    keep_last: int = 2
+    # Take over the run directory even if its lock names another live writer (after checking it is gone).
+    break_lock: bool = False
+    # Spread the writing of tensors replicated over data-parallel ranks across those ranks (megatron's
+    # fully parallel save strategy) instead of leaving it all to data-parallel rank 0.
+    fully_parallel_save: bool = True
+    # Write checkpoints in a background process while training continues (megatron's async save); the
+    # checkpoint becomes `latest` when every rank has finished writing it.
+    async_save: bool = False
     # Logging.
     log_interval: int = 1
     tensorboard_dir: Optional[str] = None
@@ -65,6 +84,14 @@ class TrainConfig:
             raise ConfigError("train.eval_interval must be >= 0 and train.eval_microbatches >= 1")
         if self.save_interval < 0 or self.log_interval < 1:
             raise ConfigError("train.save_interval must be >= 0 and train.log_interval >= 1")
+        for name in ("save_interval_minutes", "exit_after_minutes"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or value < 0:
+                raise ConfigError(f"train.{name} must be a number >= 0 (0 = off), got {value!r}")
+        if not isinstance(self.keep_last, int) or self.keep_last < 0:
+            raise ConfigError(f"train.keep_last must be an integer >= 0 (0 = keep all), got {self.keep_last!r}")
+        if self.async_save and not self.save_dir:
+            raise ConfigError("train.async_save needs train.save_dir (there is nothing to save without it)")
         if self.max_consecutive_nonfinite < 1:
             raise ConfigError("train.max_consecutive_nonfinite must be >= 1")
 

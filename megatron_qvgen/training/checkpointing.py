@@ -3,19 +3,23 @@ state), the data position and every rank's RNG -- never the teacher.
 
 Layout: ``<save_dir>/iter_<step>/`` is a megatron dist checkpoint (torch_dist: it reloads at another
 TP/PP), written under a temporary name and renamed when complete (megatron_qvgen.dist_ckpt);
-``<save_dir>/latest`` names the newest complete one and is replaced atomically after it. Per-rank RNG
-states are restored only when the parallel layout is unchanged (the noise of a step never depends on
-them: it is drawn from a generator seeded by the step).
+``<save_dir>/latest`` names the newest complete one and is replaced atomically after it; then older
+checkpoints beyond ``train.keep_last`` are deleted (training/retention.py). A ``latest`` that names a
+missing or incomplete folder falls back to the newest complete one, with a warning. Per-rank RNG states
+are restored only when the parallel layout is unchanged (the noise of a step never depends on them: it
+is drawn from a generator seeded by the step).
 
-SIGTERM / SIGUSR1 (SLURM preemption) only set a flag; the loop checks it between steps, agrees on it
-across ranks, saves and exits cleanly.
+On load, the model, the optimizer's state and the schedule's *position* come from the checkpoint; the
+hyper-parameters (learning rates, schedule length, Adam settings) are the current config's, so a run
+extended with a larger ``train.steps`` follows a schedule of the new length (megatron's scheduler would
+keep the checkpoint's total: lr 0 for every step past the old end).
 """
 from __future__ import annotations
 
+import logging
 import os
 import random
-import signal
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 import torch
@@ -23,6 +27,9 @@ import torch.distributed as dist
 
 from megatron_qvgen.dist_ckpt import CheckpointError, is_complete, load_common, load_sharded, save_sharded
 from megatron_qvgen.training.optimizer_checkpoint import load_optimizer_state, optimizer_sharded_state
+from megatron_qvgen.training.retention import complete_checkpoints, prune
+
+log = logging.getLogger(__name__)
 
 LATEST = "latest"
 
@@ -32,20 +39,33 @@ def iteration_dir(save_dir: str, step: int) -> str:
 
 
 def latest_checkpoint(load_dir: str) -> Optional[str]:
-    """The newest complete checkpoint under ``load_dir`` (or ``load_dir`` itself if it is one)."""
+    """The checkpoint to continue from: ``load_dir`` itself if it is one, else the one ``<load_dir>/latest``
+    names, else (``latest`` missing, or naming a missing or incomplete folder) the newest complete
+    ``iter_*`` -- saying so. None when there is none."""
     if load_dir is None or not os.path.isdir(load_dir):
         return None
     if is_complete(load_dir):
         return load_dir
     pointer = os.path.join(load_dir, LATEST)
-    if not os.path.isfile(pointer):
-        return None
-    with open(pointer) as f:
-        name = f.read().strip()
-    path = os.path.join(load_dir, name)
-    if not is_complete(path):
-        raise CheckpointError(f"{pointer} names {name}, which is not a complete checkpoint")
-    return path
+    name = None
+    if os.path.isfile(pointer):
+        with open(pointer) as f:
+            name = f.read().strip()
+        if name and is_complete(os.path.join(load_dir, name)):
+            return os.path.join(load_dir, name)
+    found = complete_checkpoints(load_dir)
+    if name is not None or found:
+        problem = (f"{pointer} names {name}, which is " + ("missing" if not os.path.exists(os.path.join(load_dir, name))
+                                                           else "not a complete checkpoint")
+                   if name else f"{load_dir} has no {LATEST} file")
+        _warn_rank0(f"{problem}; " + (f"using the newest complete checkpoint, {found[-1]}" if found
+                                      else "and holds no complete checkpoint"))
+    return os.path.join(load_dir, found[-1]) if found else None
+
+
+def _warn_rank0(message: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        log.warning(message)
 
 
 def _write_latest(save_dir: str, step: int) -> None:
@@ -109,9 +129,12 @@ def _model_sharded_union(model_state: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def save_checkpoint(save_dir: str, step: int, chunks, optimizer, scheduler, common: Dict[str, Any],
-                    model_cfg=None) -> str:
+                    model_cfg=None, keep_last: int = 0, strategy=None, async_saves=None,
+                    on_complete=None) -> str:
     """Collective. ``common``: JSON-like values saved once (config, data position, counters).
-    ``model_cfg`` is recorded the way the conversion tools read it, so they take training checkpoints too."""
+    ``model_cfg`` is recorded the way the conversion tools read it, so they take training checkpoints too.
+    Once the checkpoint is complete, ``latest`` names it, retention keeps ``keep_last`` (0 = all) and
+    ``on_complete(path)`` runs on every rank. ``strategy`` / ``async_saves``: see megatron_qvgen.dist_ckpt."""
     from megatron_qvgen.convert.checkpoint_io import content_metadata
 
     path = iteration_dir(save_dir, step)
@@ -126,10 +149,16 @@ def save_checkpoint(save_dir: str, step: int, chunks, optimizer, scheduler, comm
     state["common"] = common
     if dist.get_rank() == 0:
         os.makedirs(save_dir, exist_ok=True)
-    save_sharded(state, path, overwrite=True)
-    if dist.get_rank() == 0:
-        _write_latest(save_dir, step)
-    dist.barrier()
+
+    def completed() -> None:
+        if dist.get_rank() == 0:
+            _write_latest(save_dir, step)
+            prune(save_dir, keep_last, os.path.basename(path), step)
+        dist.barrier()
+        if on_complete is not None:
+            on_complete(path)
+
+    save_sharded(state, path, overwrite=True, strategy=strategy, async_saves=async_saves, on_complete=completed)
     return path
 
 
@@ -146,7 +175,8 @@ def read_common(path: str) -> Dict[str, Any]:
 
 
 def load_checkpoint(path: str, chunks, optimizer, scheduler) -> Dict[str, Any]:
-    """Collective. Loads model, optimizer, schedule (and RNG if the layout matches); returns the common part."""
+    """Collective. Loads model, optimizer state, the schedule's position (and RNG if the layout matches);
+    returns the common part. Hyper-parameters stay the current config's (module docstring)."""
     common = read_common(path)
     same_layout = tuple(common.get("layout", ())) == _layout()
     request = _model_state(chunks)
@@ -156,44 +186,22 @@ def load_checkpoint(path: str, chunks, optimizer, scheduler) -> Dict[str, Any]:
     loaded = load_sharded(request, path)
     for key, chunk in zip(sorted(k for k in loaded if k.startswith("model")), chunks):
         _raw(chunk).load_state_dict(loaded[key])
+    # torch's load restores the saved hyper-parameters; this run's (a longer schedule) win. Adam's step count
+    # is state, not configuration: it stays as loaded.
+    configured = [{k: v for k, v in group.items() if k not in ("params", "step")} for group in optimizer.param_groups]
     load_optimizer_state(optimizer, loaded["optimizer"])
-    scheduler.load_state_dict(common["scheduler"])
+    for group, hyper in zip(optimizer.param_groups, configured):
+        group.update(hyper)
+    restore_schedule(scheduler, common["scheduler"])
     if same_layout and "rng_state" in loaded:
         _restore_rng(loaded["rng_state"])
     return common
 
 
-class PreemptionFlag:
-    """SIGTERM / SIGUSR1 ask the run to checkpoint and stop after the current step."""
+def restore_schedule(scheduler, saved: Dict[str, Any]) -> None:
+    """Put megatron's ``OptimizerParamScheduler`` (built from the current config) at the saved position.
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-
-    def install(self) -> "PreemptionFlag":
-        for sig in self.SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def uninstall(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-    def agreed(self) -> bool:
-        """Collective: True on every rank if any rank was signalled."""
-        flag = torch.tensor([1.0 if self.requested else 0.0],
-                            device="cuda" if torch.cuda.is_available() else "cpu")
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
-
-
-def list_checkpoints(save_dir: str) -> List[str]:
-    if not os.path.isdir(save_dir):
-        return []
-    return sorted(d for d in os.listdir(save_dir) if d.startswith("iter_") and is_complete(os.path.join(save_dir, d)))
+    Its own ``load_state_dict`` would take the checkpoint's lr, warm-up and decay length by default: a run
+    extended from 60 to 120 steps would then train steps 61-120 at the end-of-schedule lr (0)."""
+    scheduler.num_steps = 0
+    scheduler.step(increment=int(saved["num_steps"]))

@@ -1,9 +1,14 @@
-"""The distillation run: set-up (fresh or resumed), the step loop, monitoring, checkpoints, preemption."""
+"""The distillation run: set-up (fresh or resumed), the step loop, monitoring, checkpoints, preemption.
+
+Run-directory rules (who may write it, where a run continues from, which config changes a resume
+accepts) live in training/run_directory.py; signals, time-based saves and stops and the exit status in
+training/run_control.py."""
 from __future__ import annotations
 
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -24,6 +29,8 @@ from megatron_qvgen.training.evaluation import build_eval_set, eval_loss
 from megatron_qvgen.training.monitor import Monitor, peak_memory_gib, preview_strip, step_flops
 from megatron_qvgen.training.optimizer import (MegatronOptimizerAdapter, Optimization, build_optimization,
                                                lrs_by_group, rebuild_without)
+from megatron_qvgen.training.run_control import RunClock, RunOutcome, StopSignals
+from megatron_qvgen.training.run_directory import RunStart, open_run_directory
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +46,7 @@ class RunState:
     nonfinite_in_a_row: int = 0
     losses: List[float] = field(default_factory=list)
     eval_losses: List = field(default_factory=list)  # (step, loss) on the fixed evaluation set
+    outcome: Optional[RunOutcome] = None             # how the run ended (exit status, last line)
 
 
 def _count_replicated_embedders_once(chunks, first_stage: bool) -> None:
@@ -70,8 +78,23 @@ class Trainer:
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> "Trainer":
+        self.signals = StopSignals().install()   # first: a signal during set-up must not kill the run
+        started = time.monotonic()
+        try:
+            self.info: ParallelInfo = initialize_parallel(self.cfg.parallel, seed=self.cfg.train.seed)
+            self.run: RunStart = open_run_directory(self.cfg)
+            self.cfg = self.run.cfg
+            if not self.run.complete:
+                self._build_run()
+                self.clock = RunClock(self.cfg.train.save_interval_minutes, self.cfg.train.exit_after_minutes,
+                                      self.signals, started, is_rank0=self.info.rank == 0)
+        except BaseException:
+            self._release()
+            raise
+        return self
+
+    def _build_run(self) -> None:
         cfg = self.cfg
-        self.info: ParallelInfo = initialize_parallel(cfg.parallel, seed=cfg.train.seed)
         self.dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
         self.objective = objective_for(cfg.model.arch, cfg.train.flow_shift, cfg.train.snr_shift_scale)
         self.teacher = self._build("bf16")
@@ -81,7 +104,7 @@ class Trainer:
             chunk.eval()
         self.loader = self._build_loader()
         self.schedule = RankDecaySchedule(cfg.quant, cfg.decay_phase_steps)
-        resume = ckpt.latest_checkpoint(cfg.train.load_dir or cfg.train.save_dir)
+        resume = self.run.resume
         if self.init_from:
             self._load_teacher(self.init_from)
         self._copy_teacher_into_student()
@@ -100,6 +123,7 @@ class Trainer:
             initialize_quantizers(self.student)   # PTQ: clip search + auxiliary SVD
             self.opt = build_optimization(self.student, cfg)
             self.resumed_from = None
+        self.saved_step = self.state.step if self.run.own else None   # the newest step already on disk
         self._wire_grad_finalisation()
         self.decay = RankDecay(self.student, self.schedule, MegatronOptimizerAdapter(self.opt.optimizer))
         self.eval_set = None
@@ -108,10 +132,13 @@ class Trainer:
             self.eval_set = build_eval_set(cfg, self.objective, num_microbatches=cfg.train.eval_microbatches,
                                            dtype=self.dtype, device=self.info.device, latent_channels=m.in_channels,
                                            text_len=m.text_len, text_dim=m.text_dim if m.arch == "wan" else m.text_embed_dim)
+        # purge_step: TensorBoard drops what a killed run logged after this checkpoint (those steps are redone)
         self.monitor = Monitor(self._is_logging_rank(), cfg.train.tensorboard_dir, self.info.world_size,
-                               total_steps=cfg.train.steps, start_step=self.state.step)
-        self.preemption = ckpt.PreemptionFlag().install()
-        return self
+                               total_steps=cfg.train.steps, start_step=self.state.step,
+                               purge_step=self.state.step + 1 if resume is not None else None)
+        self.save_strategy, self.async_saves = self._checkpoint_writer()
+        self._excluded_s = 0.0          # save / eval time inside the current log interval (not throughput)
+        self._steps_since_log = 0
 
     def _build(self, spec: str):
         cfg = self.cfg
@@ -169,26 +196,45 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> RunState:
-        cfg, t = self.cfg, self.cfg.train
+        """Run to train.steps, or until a signal / train.exit_after_minutes stops it after a save.
+        ``state.outcome`` says which (and the exit status); rank 0 prints it as the last line."""
+        if self.run.complete:
+            self.state.step = self.run.step
+            self.state.outcome = RunOutcome("complete", self.run.step, self.cfg.train.steps, self.run.resume)
+            self._release()
+            self._announce()
+            return self.state
+        try:
+            self.state.outcome = self._loop()
+            self._finish_saves()
+        finally:
+            self._release()
+        dist.barrier()   # every rank is done with its logs before any leaves (launchers watch the first exit)
+        self._announce()
+        return self.state
+
+    def _loop(self) -> RunOutcome:
+        t = self.cfg.train
         num_micro = t.num_microbatches(self.info.dp_size)
         self.monitor.step_time()
-        try:
-            while self.state.step < t.steps:
-                if self.preemption.agreed():
-                    self.save()
-                    log.warning("preemption signal: checkpoint saved at step %d, stopping", self.state.step)
-                    break
-                self._one_step(num_micro)
-                step = self.state.step
-                if t.save_dir and t.save_interval and step % t.save_interval == 0 and step < t.steps:
-                    self.save()
-            else:
-                if t.save_dir:
-                    self.save()
-        finally:
-            self.preemption.uninstall()
-            self.monitor.close()
-        return self.state
+        while True:
+            decision = self.clock.poll()
+            if self.async_saves is not None:
+                self.async_saves.poll()     # complete the background saves every rank has finished
+            if self.state.step >= t.steps:
+                return RunOutcome("finished", self.state.step, t.steps, self._save_if_new())
+            if decision.stop:
+                path = self._save_if_new()
+                if self.info.rank == 0:
+                    log.warning("%s: stopping at step %d", decision.stop, self.state.step)
+                return RunOutcome("stopped", self.state.step, t.steps, path, reason=decision.stop)
+            if decision.save:
+                self._save_if_new()
+            began = time.monotonic()
+            self._one_step(num_micro)
+            self.clock.step_took(time.monotonic() - began)
+            if t.save_interval and self.state.step % t.save_interval == 0 and self.state.step < t.steps:
+                self._save_if_new()
 
     def _one_step(self, num_micro: int) -> None:
         cfg, t = self.cfg, self.cfg.train
@@ -228,15 +274,20 @@ class Trainer:
             self.state.losses.append(loss)
         self.monitor.advance(loss, self.decay.current_rank())
         if self.eval_set is not None and (self.state.step % t.eval_interval == 0 or self.state.step == t.steps):
+            began = time.monotonic()
             values["eval/loss"] = data_parallel_mean(
                 eval_loss(self.opt.chunks, self.teacher, self.eval_set, gate), device)
             self.state.eval_losses.append((self.state.step, values["eval/loss"]))
+            self._excluded_s += time.monotonic() - began
+        self._steps_since_log += 1
         if self.state.step % t.log_interval == 0 or self.state.step == t.steps:
             self._log(step, loss, values, gate, batches, result)
 
     def _log(self, step, loss, values, gate, batches, result) -> None:
         cfg = self.cfg
-        elapsed = self.monitor.step_time() / cfg.train.log_interval
+        # training time per step: save and evaluation time of the interval are not throughput
+        elapsed = max(self.monitor.step_time() - self._excluded_s, 0.0) / max(self._steps_since_log, 1)
+        self._excluded_s, self._steps_since_log = 0.0, 0
         latent_shape = batches[0].latents.shape
         tokens = video_tokens(self.student[0], (1,) + tuple(latent_shape[1:]) if cfg.model.arch == "wan"
                               else (1, latent_shape[2], latent_shape[1]) + tuple(latent_shape[3:]))
@@ -272,11 +323,67 @@ class Trainer:
         return preview_strip(latents)
 
     # ------------------------------------------------------------------ checkpoints
+    def _checkpoint_writer(self):
+        """(save strategy, async save queue or None) for this run's saves."""
+        from megatron.core import parallel_state as ps
+
+        from megatron_qvgen.dist_ckpt import AsyncSaves, save_strategy
+
+        t = self.cfg.train
+        group = ps.get_data_parallel_group() if t.fully_parallel_save and self.info.dp_size > 1 else None
+        return save_strategy(group), (AsyncSaves() if t.async_save and t.save_dir else None)
+
     def save(self) -> Optional[str]:
+        """Collective: a checkpoint of the current step (returns its path; None without train.save_dir)."""
         t = self.cfg.train
         if not t.save_dir or self.state.step == 0:
             return None
+        began = time.monotonic()
+        step = self.state.step
         common = {"data": self.loader.state_dict(), "nonfinite_skipped": self.state.nonfinite_skipped,
                   "config": self.cfg.to_dict()}
-        return ckpt.save_checkpoint(t.save_dir, self.state.step, self.opt.chunks, self.opt.optimizer,
-                                    self.opt.scheduler, common, model_cfg=self.cfg.model)
+        path = ckpt.save_checkpoint(t.save_dir, step, self.opt.chunks, self.opt.optimizer, self.opt.scheduler,
+                                    common, model_cfg=self.cfg.model, keep_last=t.keep_last,
+                                    strategy=self.save_strategy, async_saves=self.async_saves,
+                                    on_complete=lambda p: self._saved(p, step, began))
+        blocked = time.monotonic() - began
+        self._excluded_s += blocked
+        self.monitor.scalars(step, {"checkpoint/save_seconds": blocked})
+        self.saved_step = step
+        return path
+
+    def _saved(self, path: str, step: int, began: float) -> None:
+        seconds = time.monotonic() - began
+        self.clock.save_took(seconds)
+        if self.info.rank == 0:
+            log.info("checkpoint %s complete in %.1f s; the slowest step took %.1f s: a stop signal must come "
+                     ">= %.0f s before the time limit", path, seconds, self.clock.slowest_step_s,
+                     self.clock.signal_lead_needed_s())
+        if self.async_saves is not None:
+            self.monitor.scalars(step, {"checkpoint/async_complete_seconds": seconds})
+
+    def _save_if_new(self) -> Optional[str]:
+        """Save unless this step is already on disk; returns the newest checkpoint of this run."""
+        if self.saved_step != self.state.step:
+            self.save()
+        if self.async_saves is not None:
+            self.async_saves.poll()
+        return ckpt.iteration_dir(self.cfg.train.save_dir, self.saved_step) if (
+            self.cfg.train.save_dir and self.saved_step) else None
+
+    def _finish_saves(self) -> None:
+        if getattr(self, "async_saves", None) is not None:
+            self.async_saves.close()
+
+    def _release(self) -> None:
+        """Give back what the run holds: signal handlers, TensorBoard, the run-directory lock."""
+        self.signals.uninstall()
+        if getattr(self, "monitor", None) is not None:
+            self.monitor.close()
+        run = getattr(self, "run", None)
+        if run is not None and run.lock is not None:
+            run.lock.release()
+
+    def _announce(self) -> None:
+        if self.info.rank == 0:
+            print(self.state.outcome.line(), flush=True)

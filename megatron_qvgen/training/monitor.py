@@ -48,14 +48,16 @@ def step_flops(model: ModelConfig, video_tokens: int, samples: int) -> float:
 
 class Monitor:
     def __init__(self, is_logging_rank: bool, tensorboard_dir: Optional[str], world_size: int,
-                 total_steps: int = 0, start_step: int = 0, progress_bar: bool = True):
+                 total_steps: int = 0, start_step: int = 0, progress_bar: bool = True,
+                 purge_step: Optional[int] = None):
         self.is_logging_rank = is_logging_rank
         self.world_size = world_size
         self.writer = None
         if is_logging_rank and tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=tensorboard_dir)
+            # purge_step: a resumed run drops the events a killed run wrote for the steps it redoes
+            self.writer = SummaryWriter(log_dir=tensorboard_dir, purge_step=purge_step)
         self.bar = None
         # The bar is for a terminal; in a log file its redraws would bury the one line per log interval.
         if is_logging_rank and progress_bar and total_steps and sys.stderr.isatty():
