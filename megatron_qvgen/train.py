@@ -35,14 +35,11 @@ def _main(argv: Optional[List[str]]) -> int:
         print(cfg.to_json())
         return 0
     from megatron_qvgen.parallel import destroy_parallel, init_distributed
-    from megatron_qvgen.training.loop import NonFiniteLossError, Trainer
+    from megatron_qvgen.training.loop import Trainer
 
     init_distributed(None if cfg.parallel.backend == "auto" else cfg.parallel.backend)
     try:
         state = Trainer(cfg, init_from=args.init_from).setup().train()
-    except NonFiniteLossError as exc:   # names the limit and the intact checkpoint: no traceback needed
-        cli.report_user_error(exc)
-        return 1
     finally:
         destroy_parallel()
     return state.outcome.exit_code  # 0 finished, 75 stopped to be requeued (training/run_control.py)

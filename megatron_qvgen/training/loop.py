@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_qvgen.config import ExperimentConfig
+from megatron_qvgen.config.errors import UserError
 from megatron_qvgen.models import build_model_chunks, reduce_replicated_grads
 from megatron_qvgen.models.common.schedule import video_tokens
 from megatron_qvgen.parallel import ParallelInfo, initialize_parallel
@@ -35,7 +36,7 @@ from megatron_qvgen.training.run_directory import RunStart, open_run_directory
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError):
     """Too many consecutive non-finite losses: the run stops; the last good checkpoint is untouched."""
 
 
@@ -158,7 +159,7 @@ class Trainer:
             ensure_synthetic_dataset(cfg.data, m.in_channels, m.text_len, text_dim)
         dist.barrier()
         return build_latent_loader(cfg.data, cfg.train.micro_batch_size, self.info.dp_rank, self.info.dp_size,
-                                   latent_channels=m.in_channels, text_len=m.text_len, text_dim=text_dim,
+                                   model=m, log_bad_samples=self.info.tp_rank == 0 and self.info.pp_rank == 0,
                                    microbatches_per_step=cfg.train.num_microbatches(self.info.dp_size))
 
     def _load_teacher(self, path: str) -> None:
