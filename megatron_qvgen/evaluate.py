@@ -37,6 +37,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args, rest = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     warnings.filterwarnings("ignore", message=".*(Transformer Engine and Apex|Apex is not installed).*")
+    warnings.filterwarnings("ignore", category=FutureWarning, message=".*load_state_dict.*")  # megatron -> DCP
     from megatron_qvgen.config import ConfigError, parse_override_args
     from megatron_qvgen.fidelity import EvaluationError
     from megatron_qvgen.fidelity.pipeline import EvalOptions, evaluate

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
@@ -59,7 +60,9 @@ def evaluate(teacher: str, student: str, json_path: str, options: EvalOptions, r
         "guidance_scale": options.guidance_scale, "seed": options.seed, "device": str(info.device),
         "captions": inputs.captions, "config": describe_overrides(cfg),
     })
-    if result.teacher_samples:
+    if result.teacher_samples and not report.can_draw():
+        print("no PNG grid: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
+    elif result.teacher_samples:
         png = report.grid_path(json_path)
         title = (f"{source.describe()} vs teacher: rel_l2 {record['rel_l2']:.4f}, PSNR {record['psnr_db']:.2f} dB "
                  f"({record['samples']} samples, {record['sampling_steps']} {sampler.name} steps)")

@@ -83,6 +83,12 @@ def latent_rgb(latent: torch.Tensor, latent_source: Dict, reference: torch.Tenso
     return ((lat - lo) / (hi - lo).clamp_min(1e-6)).clamp(0, 1).permute(1, 2, 3, 0).numpy()
 
 
+def can_draw() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
+
+
 def save_grid(path: str, teacher: List[torch.Tensor], student: List[torch.Tensor], captions: List[str],
               latent_source: Dict, title: str, frames: int = 3) -> str:
     """Per sample (rows): teacher | student | |difference| x DIFF_GAIN for a few frames (stored layout)."""

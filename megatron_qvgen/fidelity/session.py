@@ -17,8 +17,12 @@ from megatron_qvgen.fidelity.errors import EvaluationError
 SINGLE = ParallelConfig(tensor_parallel=1, pipeline_parallel=1)
 
 
+_OWN_GROUP = False
+
+
 def open_single_process(seed: int = 0):
     """Join (or check) a one-process group and build megatron's TP = PP = 1 state; returns ParallelInfo."""
+    global _OWN_GROUP
     from megatron_qvgen.parallel import initialize_parallel
 
     if dist.is_initialized():
@@ -33,10 +37,17 @@ def open_single_process(seed: int = 0):
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+        _OWN_GROUP = True
     return initialize_parallel(SINGLE, seed=seed)
 
 
 def close_single_process() -> None:
-    from megatron_qvgen.parallel import destroy_parallel
+    """Undo what open_single_process set up (a group the caller had joined before stays)."""
+    global _OWN_GROUP
+    from megatron.core import parallel_state as ps
 
-    destroy_parallel()
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if _OWN_GROUP and dist.is_initialized():
+        dist.destroy_process_group()
+    _OWN_GROUP = False
