@@ -26,6 +26,11 @@ class Comparison:
     student_samples: List[torch.Tensor] = field(default_factory=list)
 
 
+def _timesteps(t, batch: int, device) -> torch.Tensor:
+    """Flow matching feeds float timesteps (1000 sigma), DDPM models integer ones, as in training."""
+    return torch.full((batch,), t, dtype=torch.float32 if isinstance(t, float) else torch.long, device=device)
+
+
 def _guided(model: Denoiser, x, t, text, empty, scale: float) -> torch.Tensor:
     """Classifier-free guidance (scale 1 = the conditional prediction alone)."""
     if scale == 1.0:
@@ -49,8 +54,7 @@ def compare(teacher: Denoiser, student: Denoiser, inputs: EvalInputs, sampler, *
         x_t, x_s = noise.clone(), noise.clone()
         empty = inputs.empty_text.unsqueeze(0).to(device)
         for k, t in enumerate(timesteps):
-            ts = torch.full((len(indices),), t, dtype=torch.float32 if isinstance(t, float) else torch.long,
-                            device=device)
+            ts = _timesteps(t, len(indices), device)
             pred_t = _guided(teacher, x_t, ts, text, empty, guidance_scale)
             one_step = _guided(student, x_t, ts, text, empty, guidance_scale)
             pred_s = one_step if torch.equal(x_s, x_t) else _guided(student, x_s, ts, text, empty, guidance_scale)
@@ -66,4 +70,19 @@ def compare(teacher: Denoiser, student: Denoiser, inputs: EvalInputs, sampler, *
                 out.student_samples.append(x_s[row].cpu())
     out.results = meter.results()
     out.results["seconds"] = time.perf_counter() - start
+    return out
+
+
+@torch.no_grad()
+def sample(model: Denoiser, inputs: EvalInputs, sampler, *, batch_size: int = 4, guidance_scale: float = 1.0,
+           device=None) -> List[torch.Tensor]:
+    """One model alone: the final latent of every prompt (model layout, CPU)."""
+    out: List[torch.Tensor] = []
+    for indices, noise, text in inputs.batches(batch_size):
+        x, text = noise.to(device), text.to(device)
+        empty = inputs.empty_text.unsqueeze(0).to(device)
+        for k, t in enumerate(sampler.timesteps()):
+            ts = _timesteps(t, len(indices), device)
+            x = sampler.step(x, k, _guided(model, x, ts, text, empty, guidance_scale))
+        out.extend(x.cpu().unbind(0))
     return out

@@ -22,6 +22,7 @@ class EvalInputs:
     text: List[torch.Tensor]         # per sample, float32 [L, D]
     empty_text: torch.Tensor         # float32 [L, D]: the unconditional embedding (classifier-free guidance)
     captions: List[str]
+    data: List[torch.Tensor]         # per sample, the dataset's own latent (stored layout): what the caption shows
     latent_source: dict              # the dataset manifest's "vae" entry: how latents map back to pixels
     arch: str
 
@@ -60,7 +61,7 @@ def load_inputs(cfg, samples: int, seed: int) -> EvalInputs:
     loader = build_latent_loader(data, 1, 0, 1, latent_channels=m.in_channels, text_len=m.text_len,
                                  text_dim=model_text_dim(m))
     try:
-        noise, text, captions = [], [], []
+        noise, text, captions, latents = [], [], [], []
         for i in range(samples):
             batch = next(loader)
             shape = batch.latents.shape[1:]
@@ -69,8 +70,10 @@ def load_inputs(cfg, samples: int, seed: int) -> EvalInputs:
             noise.append(eps.transpose(0, 1).contiguous() if m.arch == "cogvideox" else eps)
             text.append(batch.text[0].float())
             captions.append(batch.captions[0])
+            latents.append(batch.latents[0].float())
         empty = loader.empty_prompt_embedding.float()
         source = dict(loader.manifest.vae)
     finally:
         loader.close()
-    return EvalInputs(noise=noise, text=text, empty_text=empty, captions=captions, latent_source=source, arch=m.arch)
+    return EvalInputs(noise=noise, text=text, empty_text=empty, captions=captions, data=latents,
+                      latent_source=source, arch=m.arch)

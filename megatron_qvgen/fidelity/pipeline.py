@@ -66,10 +66,9 @@ def evaluate(teacher: str, student: str, json_path: str, options: EvalOptions, r
         png = report.grid_path(json_path)
         title = (f"{source.describe()} vs teacher: rel_l2 {record['rel_l2']:.4f}, PSNR {record['psnr_db']:.2f} dB "
                  f"({record['samples']} samples, {record['sampling_steps']} {sampler.name} steps)")
-        os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
-        report.save_grid(png, [inputs.stored_layout(x) for x in result.teacher_samples],
-                         [inputs.stored_layout(x) for x in result.student_samples], inputs.captions,
-                         inputs.latent_source, title)
+        columns = [("teacher", [inputs.stored_layout(x) for x in result.teacher_samples]),
+                   ("student", [inputs.stored_layout(x) for x in result.student_samples])]
+        report.save_grid(png, columns, inputs.captions, inputs.latent_source, title)
         record["grid_png"] = os.path.abspath(png)
     report.write_json(json_path, record)
     if not quiet:

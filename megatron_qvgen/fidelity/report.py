@@ -10,7 +10,7 @@ import math
 import os
 import sys
 import tempfile
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -89,26 +89,32 @@ def can_draw() -> bool:
     return importlib.util.find_spec("matplotlib") is not None
 
 
-def save_grid(path: str, teacher: List[torch.Tensor], student: List[torch.Tensor], captions: List[str],
-              latent_source: Dict, title: str, frames: int = 3) -> str:
-    """Per sample (rows): teacher | student | |difference| x DIFF_GAIN for a few frames (stored layout)."""
+def save_grid(path: str, columns: Sequence[Tuple[str, List[torch.Tensor]]], captions: List[str],
+              latent_source: Dict, title: str, diff: bool = True, frames: int = 3) -> str:
+    """Per sample (rows), for a few frames: each named column's latent (stored layout), and with ``diff`` the
+    |difference| of the first two columns x DIFF_GAIN. Colours on the first column's scale."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    n = len(teacher)
-    total = teacher[0].shape[1]
+    n = len(columns[0][1])
+    total = columns[0][1][0].shape[1]
     picks = sorted({0, total // 2, total - 1})[:frames]
-    fig, axes = plt.subplots(n, 3 * len(picks), figsize=(1.6 * 3 * len(picks), 1.8 * n + 0.6), squeeze=False)
+    per_frame = len(columns) + int(diff)
+    fig, axes = plt.subplots(n, per_frame * len(picks), figsize=(1.6 * per_frame * len(picks), 1.8 * n + 0.6),
+                             squeeze=False)
     for row in range(n):
-        t_rgb = latent_rgb(teacher[row], latent_source, teacher[row])
-        s_rgb = latent_rgb(student[row], latent_source, teacher[row])
+        reference = columns[0][1][row]
+        rgbs = [latent_rgb(latents[row], latent_source, reference) for _, latents in columns]
         for j, f in enumerate(picks):
-            images = (t_rgb[f], s_rgb[f], np.clip(np.abs(t_rgb[f] - s_rgb[f]) * DIFF_GAIN, 0, 1))
-            names = ("teacher", "student", f"|diff| x{DIFF_GAIN:g}")
+            images = [rgb[f] for rgb in rgbs]
+            names = [name for name, _ in columns]
+            if diff:
+                images.append(np.clip(np.abs(rgbs[0][f] - rgbs[1][f]) * DIFF_GAIN, 0, 1))
+                names.append(f"|diff| x{DIFF_GAIN:g}")
             for c, (image, name) in enumerate(zip(images, names)):
-                ax = axes[row][3 * j + c]
+                ax = axes[row][per_frame * j + c]
                 ax.imshow(image, interpolation="nearest")
                 ax.set_xticks([])
                 ax.set_yticks([])
@@ -119,6 +125,7 @@ def save_grid(path: str, teacher: List[torch.Tensor], student: List[torch.Tensor
     fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".grid-", suffix=".png", dir=folder)
     os.close(fd)
     fig.savefig(tmp, dpi=110)

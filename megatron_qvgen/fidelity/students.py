@@ -166,14 +166,14 @@ def ptq_quant_config(cfg: ExperimentConfig):
 def load_student(source: StudentSource, cfg: ExperimentConfig, teacher: MegatronDenoiser,
                  attention: Optional[str] = None):
     if source.kind == PTQ:
-        return _ptq_student(cfg, teacher)
+        return ptq_student(cfg, teacher)
     if source.kind == "checkpoint":
         return _checkpoint_student(source.path, cfg)
     return _export_student(source.path, cfg, attention)
 
 
 @torch.no_grad()
-def _ptq_student(cfg: ExperimentConfig, teacher: MegatronDenoiser) -> MegatronDenoiser:
+def ptq_student(cfg: ExperimentConfig, teacher: MegatronDenoiser) -> MegatronDenoiser:
     from megatron_qvgen.quant import initialize_quantizers
 
     quant = ptq_quant_config(cfg)
