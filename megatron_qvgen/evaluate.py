@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import warnings
 from typing import List, Optional
 
 
@@ -36,8 +35,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--attention", default=None, help="attention backend of the export runtime, if it offers one")
     args, rest = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    warnings.filterwarnings("ignore", message=".*(Transformer Engine and Apex|Apex is not installed).*")
-    warnings.filterwarnings("ignore", category=FutureWarning, message=".*load_state_dict.*")  # megatron -> DCP
+    from megatron_qvgen.fidelity.session import quiet_warnings
+
+    quiet_warnings()
     from megatron_qvgen.config import ConfigError, parse_override_args
     from megatron_qvgen.fidelity import EvaluationError
     from megatron_qvgen.fidelity.pipeline import EvalOptions, evaluate

@@ -18,7 +18,6 @@ import argparse
 import dataclasses
 import sys
 import time
-import warnings
 from typing import Dict, List, Optional
 
 import torch
@@ -192,7 +191,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--sampling-steps", type=int, default=20)
     parser.add_argument("--spectrum-interval", type=int, default=5)
     args, rest = parser.parse_known_args(argv)
-    warnings.filterwarnings("ignore", message=".*(Transformer Engine and Apex|Apex is not installed).*")
+    from megatron_qvgen.fidelity.session import quiet_warnings
+
+    quiet_warnings()
     from megatron_qvgen.config import ConfigError, parse_override_args
     from megatron_qvgen.fidelity import report
     from megatron_qvgen.fidelity.pipeline import EvalOptions

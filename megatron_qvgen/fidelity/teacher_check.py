@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from typing import Dict, List, Optional
 
 from megatron_qvgen.fidelity.errors import EvaluationError
@@ -85,7 +84,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--sampling-steps", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
     args, rest = parser.parse_known_args(argv)
-    warnings.filterwarnings("ignore", message=".*(Transformer Engine and Apex|Apex is not installed).*")
+    from megatron_qvgen.fidelity.session import quiet_warnings
+
+    quiet_warnings()
     from megatron_qvgen.config import ConfigError, apply_overrides, parse_override_args
     from megatron_qvgen.recipes import get_recipe
 
