@@ -166,3 +166,34 @@ def test_samplers_reach_the_data_with_an_exact_model(arch):
         x = sampler.step(x, k, predict(x, t))
     assert torch.allclose(x, x0, atol=1e-5)
     assert len(sampler.timesteps()) == 10 and sampler.timesteps()[0] in (1000.0, 999)
+
+
+def _fit_and_train(rank, world, teacher_cfg, student_cfg, teacher):
+    from megatron_qvgen.training.loop import Trainer
+    from megatron_qvgen.training.teacher_fit import fit_teacher
+
+    fit_teacher(teacher_cfg, teacher, steps=20, lr=1e-3)
+    Trainer(student_cfg, init_from=teacher).setup().train()
+    return {}
+
+
+def test_cogvideox_checkpoint_and_export_evaluate_alike(tmp_path):
+    """CogVideoX: DDIM v-prediction sampling, its runtime's own argument order, classifier-free guidance."""
+    from megatron_qvgen.config import apply_overrides, parse_override_args
+    from megatron_qvgen.convert.to_inference import export_inference
+    from megatron_qvgen.recipes import get_recipe
+
+    data = ["--data.shards", str(tmp_path / "data"), "--data.synthesize_if_missing", "true",
+            "--data.synthetic_samples", "16"]
+    teacher_cfg = apply_overrides(get_recipe("tiny_cogvideox"), parse_override_args(data))
+    run = str(tmp_path / "run")
+    student_cfg = apply_overrides(teacher_cfg, [("train.steps", "12"), ("train.save_dir", run),
+                                                ("train.log_interval", "12")])
+    run_distributed(_fit_and_train, 1, teacher_cfg, student_cfg, str(tmp_path / "teacher"), timeout=600)
+    export_inference(run, str(tmp_path / "export"), progress=False)
+    ckpt = _evaluate(tmp_path, run, "ckpt", "--guidance-scale", "2")
+    export = _evaluate(tmp_path, str(tmp_path / "export"), "export", "--guidance-scale", "2",
+                       "--recipe", "tiny_cogvideox", *data)
+    assert ckpt["sampler"].startswith("DDIM") and ckpt["timesteps"][0] == 999 and ckpt["guidance_scale"] == 2.0
+    assert 0.0 < ckpt["rel_l2"] < 1.0
+    assert export["rel_l2"] == pytest.approx(ckpt["rel_l2"], rel=0.05, abs=2e-3)

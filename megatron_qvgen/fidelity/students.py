@@ -124,7 +124,9 @@ class RuntimeDenoiser:
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         rt = self.runtime
-        out = rt(x.to(rt.device, rt.dtype), timestep.to(rt.device), text.to(rt.device, rt.dtype), return_dict=False)
+        # by keyword: diffusers' Wan takes (x, timestep, text), CogVideoX (x, text, timestep)
+        out = rt(hidden_states=x.to(rt.device, rt.dtype), timestep=timestep.to(rt.device),
+                 encoder_hidden_states=text.to(rt.device, rt.dtype), return_dict=False)
         return out[0].float()
 
 
