@@ -50,16 +50,21 @@ def model_text_dim(model_cfg) -> int:
 
 def load_inputs(cfg, samples: int, seed: int) -> EvalInputs:
     """``samples`` prompts of the run's dataset (``cfg.data``) and their initial noise."""
-    from megatron_qvgen.data import build_latent_loader, ensure_synthetic_dataset
+    from megatron_qvgen.config import ConfigError
+    from megatron_qvgen.data import DatasetError, build_latent_loader, ensure_synthetic_dataset
+    from megatron_qvgen.fidelity.errors import EvaluationError
 
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
     m = cfg.model
-    ensure_synthetic_dataset(cfg.data, m.in_channels, m.text_len, model_text_dim(m))
     data = dataclasses.replace(cfg.data, num_workers=0, caption_dropout=0.0, resample=False,
                                seed=cfg.data.seed + EVAL_DATA_SEED_OFFSET)
-    loader = build_latent_loader(data, 1, 0, 1, latent_channels=m.in_channels, text_len=m.text_len,
-                                 text_dim=model_text_dim(m))
+    try:
+        ensure_synthetic_dataset(cfg.data, m.in_channels, m.text_len, model_text_dim(m))
+        loader = build_latent_loader(data, 1, 0, 1, latent_channels=m.in_channels, text_len=m.text_len,
+                                     text_dim=model_text_dim(m))
+    except (DatasetError, ConfigError) as exc:
+        raise EvaluationError(f"prompts from data.shards={cfg.data.shards}: {exc} (override with --data.shards)") from None
     try:
         noise, text, captions, latents = [], [], [], []
         for i in range(samples):

@@ -13,7 +13,7 @@ from megatron_qvgen.fidelity.compare import compare
 from megatron_qvgen.fidelity.errors import EvaluationError
 from megatron_qvgen.fidelity.inputs import load_inputs
 from megatron_qvgen.fidelity.sampler import sampler_for
-from megatron_qvgen.fidelity.students import describe_overrides, load_student, load_teacher, resolve_student, run_config
+from megatron_qvgen.fidelity.students import run_settings, load_student, load_teacher, resolve_student, run_config
 
 
 @dataclasses.dataclass
@@ -58,7 +58,7 @@ def evaluate(teacher: str, student: str, json_path: str, options: EvalOptions, r
         "teacher": os.path.abspath(teacher), "student": student, "student_kind": source.kind,
         "student_path": str(source.path) if source.path else None, "sampler": sampler.name,
         "guidance_scale": options.guidance_scale, "seed": options.seed, "device": str(info.device),
-        "captions": inputs.captions, "config": describe_overrides(cfg),
+        "captions": inputs.captions, "config": run_settings(cfg),
     })
     if result.teacher_samples and not report.can_draw():
         print("no PNG grid: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)

@@ -230,7 +230,7 @@ def _one_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-def describe_overrides(cfg: ExperimentConfig) -> dict:
+def run_settings(cfg: ExperimentConfig) -> dict:
     """The settings that decide the sampling, for the JSON record."""
     return {"arch": cfg.model.arch, "flow_shift": cfg.train.flow_shift, "snr_shift_scale": cfg.train.snr_shift_scale,
             "precision": cfg.train.precision, "quant": dataclasses.asdict(cfg.quant), "data": cfg.data.shards}
