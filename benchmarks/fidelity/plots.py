@@ -104,32 +104,49 @@ def write_plots(runs, folder: Path):
     fig.tight_layout()
     written.append(_save(fig, folder / "rel_l2.png"))
 
-    # 2-3. eval loss and gradient norm over steps (mean over seeds)
-    for key, name, ylabel in (("eval_loss", "eval_loss.png", "loss on the fixed eval set"),
-                              ("grad_norm", "grad_norm.png", "gradient norm (smoothed)")):
-        fig, axes = plt.subplots(1, len(bits_list), figsize=(5.2 * len(bits_list), 3.6), squeeze=False)
-        for ax, bits in zip(axes[0], bits_list):
-            for m in METHOD_ORDER:
-                rs = [r for r in groups.get((bits, m), []) if r.get("train")]
-                if key == "eval_loss" and m == "ptq" and groups.get((bits, m)):
-                    ax.axhline(groups[(bits, m)][0]["eval_loss_ptq"], color=COLOURS[m], ls="--", label=LABELS[m])
-                if not rs:
-                    continue
-                if key == "eval_loss":
-                    steps = [s for s, _ in rs[0]["train"]["eval_loss"]]
-                    curve = _mean_curve([[v for _, v in r["train"]["eval_loss"]] for r in rs])
-                    ax.plot(steps[:len(curve)], curve, "-o", ms=2, color=COLOURS[m], label=LABELS[m])
-                else:
-                    curve = _mean_curve([[g if g is not None else float("nan") for g in r["train"]["grad_norm"]]
-                                         for r in rs])
-                    ax.plot(range(1, len(curve) + 1), _smooth(curve, 10), color=COLOURS[m], label=LABELS[m])
-            ax.set_xlabel("training step")
-            ax.set_ylabel(ylabel)
-            ax.set_yscale("log")
-            ax.set_title(bits.upper())
-            ax.legend(fontsize=6)
-        fig.tight_layout()
-        written.append(_save(fig, folder / name))
+    # 2. eval loss over steps (mean over seeds)
+    fig, axes = plt.subplots(1, len(bits_list), figsize=(5.2 * len(bits_list), 3.6), squeeze=False)
+    for ax, bits in zip(axes[0], bits_list):
+        for m in METHOD_ORDER:
+            if m == "ptq" and groups.get((bits, m)):
+                ax.axhline(groups[(bits, m)][0]["eval_loss_ptq"], color=COLOURS[m], ls="--", label=LABELS[m])
+            rs = [r for r in groups.get((bits, m), []) if r.get("train")]
+            if rs:
+                steps = [s for s, _ in rs[0]["train"]["eval_loss"]]
+                curve = _mean_curve([[v for _, v in r["train"]["eval_loss"]] for r in rs])
+                ax.plot(steps[:len(curve)], curve, "-o", ms=2, color=COLOURS[m], label=LABELS[m])
+        ax.set_xlabel("training step")
+        ax.set_ylabel("loss on the fixed eval set")
+        ax.set_yscale("log")
+        ax.set_title(bits.upper())
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    written.append(_save(fig, folder / "eval_loss.png"))
+
+    # 3. gradient norm over steps (mean over seeds, smoothed), and its ratio to plain LSQ's at the same step
+    fig, axes = plt.subplots(2, len(bits_list), figsize=(5.2 * len(bits_list), 6.4), squeeze=False)
+    for col, bits in enumerate(bits_list):
+        curves = {}
+        for m in METHOD_ORDER:
+            rs = [r for r in groups.get((bits, m), []) if r.get("train")]
+            if rs:
+                curves[m] = _smooth(_mean_curve([[g if g is not None else float("nan") for g in r["train"]["grad_norm"]]
+                                                 for r in rs]), 10)
+                axes[0][col].plot(range(1, len(curves[m]) + 1), curves[m], color=COLOURS[m], label=LABELS[m])
+        for m, curve in curves.items():
+            if m != "lsq" and "lsq" in curves:
+                ratio = [a / b for a, b in zip(curve, curves["lsq"])]
+                axes[1][col].plot(range(1, len(ratio) + 1), ratio, color=COLOURS[m], label=LABELS[m])
+        axes[0][col].set_yscale("log")
+        axes[0][col].set_ylabel("gradient norm (smoothed)")
+        axes[0][col].set_title(bits.upper())
+        axes[0][col].legend(fontsize=6)
+        axes[1][col].axhline(1.0, color=COLOURS["lsq"], ls="--", lw=1)
+        axes[1][col].set_ylabel("gradient norm / LSQ's")
+        axes[1][col].set_xlabel("training step")
+        axes[1][col].legend(fontsize=6)
+    fig.tight_layout()
+    written.append(_save(fig, folder / "grad_norm.png"))
 
     # 4. share of small singular values of Phi over training
     fig, axes = plt.subplots(1, len(bits_list), figsize=(5.2 * len(bits_list), 3.6), squeeze=False)
@@ -142,7 +159,7 @@ def write_plots(runs, folder: Path):
             curve = _mean_curve([r["train"]["spectrum"]["share_small"] for r in rs])
             ax.plot(steps[:len(curve)], curve, "-o", ms=2, color=COLOURS[m], label=LABELS[m])
         ax.set_xlabel("training step")
-        ax.set_ylabel("share of Phi's singular values < 10% of step-0 max")
+        ax.set_ylabel("share of Phi's SVs < 0.1 x step-0 max")
         ax.set_ylim(-0.02, 1.02)
         ax.set_title(bits.upper())
         ax.legend(fontsize=6)
