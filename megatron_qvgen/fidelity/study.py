@@ -100,6 +100,9 @@ def run_study(teacher: str, cfg, method: str, options, spectrum_interval: int = 
     else:
         trainer = RecordingTrainer(cfg, init_from=teacher, spectrum_interval=spectrum_interval).setup()
         state = trainer.train()
+        if state.step < cfg.train.steps:   # a preemption signal stopped it: no record of a shorter run
+            raise EvaluationError(f"training stopped at step {state.step} of {cfg.train.steps} (signalled); "
+                                  "no record written")
         gate = trainer.schedule.gate_at(max(state.step - 1, 0))
         raw = getattr(trainer.opt.chunks[0], "module", trainer.opt.chunks[0])
         student = MegatronDenoiser(raw, trainer.dtype, cfg.quant.num_timestep_groups, gate=gate)
