@@ -23,3 +23,10 @@ torchrun --standalone --nproc-per-node "$NPROC" -m megatron_qvgen.train --recipe
   --train.eval_interval 10 --train.save_interval 20 \
   --train.save_dir "$OUT/checkpoints" --train.tensorboard_dir "$OUT/tensorboard" "$@"
 echo "done: final checkpoint $OUT/checkpoints/$(cat "$OUT/checkpoints/latest" 2>/dev/null); TensorBoard: tensorboard --logdir $OUT/tensorboard"
+# The verdict: the trained student against the teacher quantized without training (PTQ), sampled from the same
+# noise and text (python -m megatron_qvgen.evaluate; JSON and PNG grids in $OUT/eval).
+python -m megatron_qvgen.evaluate --teacher "$OUT/teacher" --student ptq --recipe tiny_wan --json "$OUT/eval/ptq.json" \
+  --data.shards "$OUT/data" "$@" > /dev/null
+python -m megatron_qvgen.evaluate --teacher "$OUT/teacher" --student "$OUT/checkpoints" --json "$OUT/eval/trained.json" \
+  --data.shards "$OUT/data" "$@" > /dev/null
+python -m megatron_qvgen.fidelity.report "$OUT/eval/ptq.json" "$OUT/eval/trained.json" --labels "PTQ (no training)" "QAT student"

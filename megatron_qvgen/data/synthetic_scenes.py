@@ -6,8 +6,9 @@ same scene.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -94,3 +95,53 @@ def _mask(shape: str, dy: np.ndarray, dx: np.ndarray, r: float) -> np.ndarray:
         depth = dy + r
         return (depth >= 0) & (dy <= 0.7 * r) & (np.abs(dx) <= depth * 0.6)
     raise ValueError(f"unknown shape {shape!r}")
+
+
+# ------------------------------------------------------------------ reading a clip back (does a sample follow its caption?)
+_CAPTION = re.compile(r"a (?P<size>small|large) (?P<colour>\w+) (?P<shape>circle|square|triangle) moving "
+                      r"(?P<speed>slowly|quickly) (?P<direction>to the left|to the right|up|down)")
+_BACKGROUND = re.compile(r"on a (?P<background>\w+) background")
+_PHRASE_TO_DIRECTION = {phrase: name for name, (_, phrase) in DIRECTIONS.items()}
+# Area of one shape as a share of (shorter side)^2: small <= 0.064 (circle), large >= 0.1 (triangle).
+_LARGE_AREA = 0.08
+READ_ATTRIBUTES = ("background", "colour", "size", "direction")
+
+
+def caption_attributes(caption: str) -> Optional[Dict[str, str]]:
+    """background, colour, size, direction of a one-object caption (None for other captions)."""
+    objects = list(_CAPTION.finditer(caption))
+    background = _BACKGROUND.search(caption)
+    if len(objects) != 1 or background is None:
+        return None
+    o = objects[0]
+    return {"background": background["background"], "colour": o["colour"], "size": o["size"],
+            "direction": _PHRASE_TO_DIRECTION[o["direction"]]}
+
+
+def read_clip(video: np.ndarray) -> Dict[str, Optional[str]]:
+    """What a one-object clip [F, H, W, 3] in [0, 1] shows, read off the pixels: background (the border's median
+    colour), the object's colour and size (pixels unlike the background) and its direction (centroid from the
+    first to the last frame). An attribute that cannot be read is None."""
+    frames, height, width, _ = video.shape
+    border = np.concatenate([video[:, 0], video[:, -1], video[:, :, 0], video[:, :, -1]], axis=1).reshape(-1, 3)
+    bg_colour = np.median(border, axis=0)
+    out: Dict[str, Optional[str]] = {"background": _nearest(bg_colour, BACKGROUNDS), "colour": None, "size": None,
+                                     "direction": None}
+    mask = np.linalg.norm(video - bg_colour, axis=-1) > 0.3
+    if mask.sum() < frames:  # nothing that stands out from the background
+        return out
+    out["colour"] = _nearest(video[mask].mean(axis=0), COLOURS)
+    area = mask.sum(axis=(1, 2)).mean() / min(height, width) ** 2
+    out["size"] = "large" if area > _LARGE_AREA else "small"
+    ys, xs = np.mgrid[0:height, 0:width]
+    first, last = mask[0], mask[-1]
+    if first.any() and last.any():
+        dy = ys[last].mean() - ys[first].mean()
+        dx = xs[last].mean() - xs[first].mean()
+        if max(abs(dy), abs(dx)) >= 0.5:
+            out["direction"] = ("down" if dy > 0 else "up") if abs(dy) > abs(dx) else ("right" if dx > 0 else "left")
+    return out
+
+
+def _nearest(colour: np.ndarray, table: Dict[str, Tuple[float, float, float]]) -> str:
+    return min(table, key=lambda name: float(np.linalg.norm(colour - np.asarray(table[name]))))

@@ -85,11 +85,27 @@ def latent_features(video: np.ndarray) -> np.ndarray:
     return np.concatenate([rgb, motion, grad_y[None], grad_x[None]]).astype(np.float32)
 
 
+def _projection(channels: int) -> np.ndarray:
+    projection = np.random.default_rng(_PROJECTION_SEED).standard_normal((channels, _NUM_FEATURES))
+    return (2.5 / np.sqrt(_NUM_FEATURES) * projection).astype(np.float32)
+
+
 def project_to_latent(video: np.ndarray, channels: int) -> np.ndarray:
     """A fixed linear map of the features into ``channels`` latent channels (same for every dataset)."""
-    projection = np.random.default_rng(_PROJECTION_SEED).standard_normal((channels, _NUM_FEATURES))
-    projection = (2.5 / np.sqrt(_NUM_FEATURES) * projection).astype(np.float32)
-    return np.einsum("ck,kfhw->cfhw", projection, latent_features(video)).astype(np.float32)
+    return np.einsum("ck,kfhw->cfhw", _projection(channels), latent_features(video)).astype(np.float32)
+
+
+def latent_to_rgb(latent: np.ndarray) -> np.ndarray:
+    """The way back for looking at samples: a projection latent [C, F, H, W] -> colours [F, H, W, 3] in [0, 1].
+
+    Least squares through the fixed projection recovers the features (exactly for a clean latent when
+    C >= 8); the first three are the centred colour.
+    """
+    channels, frames, height, width = latent.shape
+    features = np.linalg.lstsq(_projection(channels).astype(np.float64),
+                               latent.reshape(channels, -1).astype(np.float64), rcond=None)[0]
+    rgb = features[:3].reshape(3, frames, height, width).transpose(1, 2, 3, 0) + 0.5
+    return np.clip(rgb, 0.0, 1.0).astype(np.float32)
 
 
 def make_synthetic_shards(out_dir: str, spec: SyntheticSpec, vae=None, text_encoder=None,

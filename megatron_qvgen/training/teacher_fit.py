@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from megatron_qvgen.config import ExperimentConfig
+from megatron_qvgen.convert.checkpoint_io import content_metadata
 from megatron_qvgen.dist_ckpt import save_sharded
 from megatron_qvgen.models import build_model_chunks, reduce_replicated_grads
 from megatron_qvgen.models.common.schedule import run_pipeline
@@ -79,6 +80,7 @@ def fit_teacher(cfg: ExperimentConfig, out_dir: str, steps: int, lr: float = 1e-
             bar.set_postfix(loss=f"{last_loss:.4f}")
     state = {"model": raw[0].sharded_state_dict()} if len(raw) == 1 else \
         {f"model{i}": c.sharded_state_dict() for i, c in enumerate(raw)}
+    state.update(content_metadata(m))  # the model config travels with the weights, as the converter records it
     save_sharded(state, out_dir, overwrite=True)
     return last_loss
 

@@ -1,0 +1,224 @@
+"""One run of the fidelity study: a QAT method trained from a teacher with the project's trainer, recorded step by
+step, then sampled against the teacher with the evaluation tool's measurement.
+
+    python -m megatron_qvgen.fidelity.study --teacher CKPT --recipe NAME --method qvgen|lsq|qvgen_keep_aux|decay_all|ptq
+        --bits w4a4|w3a3 --seed S --json OUT.json [--samples 8] [--sampling-steps 20] [--section.field value ...]
+
+Recorded (from the trainer's own figures: its RunState and the values it logs each step, captured through its
+monitor, never recomputed): training loss, loss on the fixed evaluation set (also at step 0, the PTQ-initialised
+student), gradient norm, auxiliary rank and gate. Added here: the spectrum of the effective auxiliary product
+W_Phi = (gamma * L) R of every layer (singular values normalised by the layer's largest at step 0; decayed ranks
+count as zeros) every few steps, and the share of its r0 singular values below 10 % of that reference (the
+paper's "share of small singular values": it says the share grows, which is what makes truncation cheap).
+``ptq`` trains nothing: the teacher quantized by the initialisation alone, without the auxiliary module.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from typing import Dict, List, Optional
+
+import torch
+
+from megatron_qvgen.fidelity.errors import EvaluationError
+from megatron_qvgen.quant.context import quant_context
+from megatron_qvgen.training.evaluation import eval_loss
+from megatron_qvgen.training.loop import Trainer
+
+SMALL_SV = 0.1   # "small": below this share of the layer's largest singular value at step 0
+
+
+@torch.no_grad()
+def aux_spectra(model_chunks) -> List[torch.Tensor]:
+    """Per layer with a live auxiliary module: singular values of (gamma * L) R, zero-padded to r0 (TP = 1)."""
+    from megatron_qvgen.quant import quant_linears
+
+    out = []
+    for layer in quant_linears(model_chunks):
+        if not layer.has_aux:
+            continue
+        r0, rank = layer.aux_L.shape[1], layer.aux_rank
+        sv = torch.zeros(r0, dtype=torch.float64)
+        if rank > 0:
+            left = layer.aux_L[:, :rank].double() * layer.aux_gamma().double()
+            sv[:rank] = torch.linalg.svdvals((left @ layer.aux_R[:rank].double()).cpu())[:rank]
+        out.append(sv)
+    return out
+
+
+class SpectrumLog:
+    """Normalised spectra over training; layers that lost their module (rank 0) count as all-small."""
+
+    def __init__(self, reference: List[torch.Tensor]):
+        self.reference = [float(sv.max()) or 1.0 for sv in reference]
+        self.r0 = int(reference[0].numel()) if reference else 0
+        self.steps: List[int] = []
+        self.share_small: List[float] = []
+        self.mean_spectrum: List[List[float]] = []
+
+    def record(self, step: int, spectra: List[torch.Tensor]) -> None:
+        if not self.reference:
+            return
+        if not spectra:   # the module was removed: nothing is left of it
+            spectra = [torch.zeros(self.r0, dtype=torch.float64) for _ in self.reference]
+        normed = torch.stack([sv / ref for sv, ref in zip(spectra, self.reference)])
+        self.steps.append(step)
+        self.share_small.append(float((normed < SMALL_SV).double().mean()))
+        self.mean_spectrum.append(normed.mean(dim=0).tolist())
+
+    def to_dict(self) -> Dict:
+        return {"steps": self.steps, "share_small": self.share_small, "mean_spectrum": self.mean_spectrum,
+                "threshold": SMALL_SV}
+
+
+def study_config(recipe: str, method: str, bits: str, seed: int, overrides):
+    """The recipe with the method's quant preset (rank r0 and everything else from the recipe) and the seed."""
+    from megatron_qvgen.config import QuantConfig, apply_overrides
+    from megatron_qvgen.recipes import get_recipe
+
+    cfg = get_recipe(recipe)
+    method_name = "lsq" if method == "ptq" else method
+    rank = {} if method_name == "lsq" else {"aux_rank": cfg.quant.aux_rank}   # lsq: the preset's r0 = 0
+    quant = QuantConfig.for_method(method_name, bits, num_timestep_groups=cfg.quant.num_timestep_groups, **rank)
+    cfg = dataclasses.replace(cfg, quant=quant, train=dataclasses.replace(cfg.train, seed=seed, save_dir=None,
+                                                                          load_dir=None, tensorboard_dir=None))
+    return apply_overrides(cfg, overrides)
+
+
+def run_study(teacher: str, cfg, method: str, options, spectrum_interval: int = 5) -> Dict:
+    """Train (unless ptq) and measure; returns the record (collective over the one-process group)."""
+    from megatron_qvgen.fidelity.pipeline import measure
+    from megatron_qvgen.fidelity.students import MegatronDenoiser, load_teacher, ptq_student
+
+    start = time.perf_counter()
+    if method == "ptq":
+        teacher_model = load_teacher(teacher, cfg)
+        student = ptq_student(cfg, teacher_model)
+        record: Dict = {"train": None, "eval_loss_ptq": _ptq_eval_loss(cfg, teacher_model, student)}
+    else:
+        trainer = RecordingTrainer(cfg, init_from=teacher, spectrum_interval=spectrum_interval).setup()
+        state = trainer.train()
+        if state.step < cfg.train.steps:   # a preemption signal stopped it: no record of a shorter run
+            raise EvaluationError(f"training stopped at step {state.step} of {cfg.train.steps} (signalled); "
+                                  "no record written")
+        gate = trainer.schedule.gate_at(max(state.step - 1, 0))
+        raw = getattr(trainer.opt.chunks[0], "module", trainer.opt.chunks[0])
+        student = MegatronDenoiser(raw, trainer.dtype, cfg.quant.num_timestep_groups, gate=gate)
+        teacher_model = MegatronDenoiser(trainer.teacher[0], trainer.dtype, None)
+        record = {"train": {"steps": state.step, "loss": state.losses, "eval_loss": trainer.eval_curve(),
+                            "grad_norm": trainer.grad_norms, "aux_rank": trainer.ranks,
+                            "spectrum": trainer.spectrum.to_dict() if trainer.spectrum else None,
+                            "seconds": time.perf_counter() - start}}
+    result, _, sampler = measure(teacher_model, student, cfg, options, student.device)
+    record.update({"method": method, "bits": f"w{cfg.quant.weight_bits}a{cfg.quant.act_bits}",
+                   "seed": cfg.train.seed, "sampler": sampler.name, "fidelity": result.results,
+                   "config": cfg.to_dict(), "seconds": time.perf_counter() - start})
+    return record
+
+
+def _ptq_eval_loss(cfg, teacher_model, student) -> float:
+    """The fixed evaluation set's loss of the PTQ student (what the trained runs record at step 0 and after)."""
+    from megatron_qvgen.fidelity.inputs import model_text_dim
+    from megatron_qvgen.training.diffusion import objective_for
+    from megatron_qvgen.training.evaluation import build_eval_set
+
+    m = cfg.model
+    eval_set = build_eval_set(cfg, objective_for(m.arch, cfg.train.flow_shift, cfg.train.snr_shift_scale),
+                              num_microbatches=cfg.train.eval_microbatches, dtype=student.dtype,
+                              device=student.device, latent_channels=m.in_channels, text_len=m.text_len,
+                              text_dim=model_text_dim(m))
+    return eval_loss([student.model], [teacher_model.model], eval_set, gate=1.0)
+
+
+class RecordingTrainer(Trainer):
+    """The project's Trainer, with the values it logs each step captured (log_interval 1, console quiet) and Phi's
+    spectrum read between steps; the training loop itself is untouched."""
+
+    def __init__(self, cfg, init_from: str, spectrum_interval: int = 5):
+        super().__init__(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, log_interval=1)), init_from)
+        self.spectrum_interval = spectrum_interval
+        self.grad_norms: List[Optional[float]] = []
+        self.ranks: List[int] = []
+        self.spectrum: Optional[SpectrumLog] = None
+        self.eval_at_start: Optional[float] = None
+
+    def setup(self) -> "RecordingTrainer":
+        super().setup()
+        monitor = self.monitor
+        if monitor.bar is not None:
+            monitor.bar.close()
+            monitor.bar = None
+        monitor.console = lambda *args, **kwargs: None
+        inner = monitor.scalars
+
+        def capture(step, values):
+            self.grad_norms.append(values.get("grad_norm"))
+            self.ranks.append(int(values.get("aux/rank", 0)))
+            inner(step, values)
+
+        monitor.scalars = capture
+        spectra = self._spectra(0)
+        self.spectrum = SpectrumLog(spectra) if spectra else None
+        if self.spectrum:
+            self.spectrum.record(0, spectra)
+        if self.eval_set is not None:  # the PTQ-initialised student (Phi from the SVD included)
+            self.eval_at_start = eval_loss(self.opt.chunks, self.teacher, self.eval_set, self.schedule.gate_at(0))
+        return self
+
+    def _spectra(self, step: int) -> List[torch.Tensor]:
+        with quant_context(aux_gate=self.schedule.gate_at(max(step - 1, 0))):
+            return aux_spectra(self.student)
+
+    def _one_step(self, num_micro):
+        super()._one_step(num_micro)
+        step = self.state.step
+        if self.spectrum and (step % self.spectrum_interval == 0 or step == self.cfg.train.steps):
+            self.spectrum.record(step, self._spectra(step))
+
+    def eval_curve(self) -> List:
+        start = [(0, self.eval_at_start)] if self.eval_at_start is not None else []
+        return start + [list(x) for x in self.state.eval_losses]
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", required=True)
+    parser.add_argument("--recipe", required=True)
+    parser.add_argument("--method", required=True, choices=("ptq", "lsq", "qvgen", "qvgen_keep_aux", "decay_all"))
+    parser.add_argument("--bits", default="w4a4")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", required=True)
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--sampling-steps", type=int, default=20)
+    parser.add_argument("--spectrum-interval", type=int, default=5)
+    args, rest = parser.parse_known_args(argv)
+    from megatron_qvgen.fidelity.session import quiet_warnings
+
+    quiet_warnings()
+    from megatron_qvgen.config import ConfigError, parse_override_args
+    from megatron_qvgen.fidelity import report
+    from megatron_qvgen.fidelity.pipeline import EvalOptions
+    from megatron_qvgen.fidelity.session import close_single_process, open_single_process
+
+    try:
+        cfg = study_config(args.recipe, args.method, args.bits, args.seed, parse_override_args(rest))
+        options = EvalOptions(samples=args.samples, sampling_steps=args.sampling_steps, seed=0)
+        open_single_process(seed=args.seed)
+        try:
+            record = run_study(args.teacher, cfg, args.method, options, args.spectrum_interval)
+        finally:
+            close_single_process()
+    except (EvaluationError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    report.write_json(args.json, record)
+    f = record["fidelity"]
+    print(f"{args.method} {record['bits']} seed {args.seed}: rel_l2 {f['rel_l2']:.4f} psnr {f['psnr_db']:.2f} dB "
+          f"({record['seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
