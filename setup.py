@@ -35,6 +35,8 @@ setup(
         "tqdm",
         "webdataset>=0.2.86",
         "braceexpand",
+        # python -m megatron_qvgen.evaluate draws its teacher | student | difference grid with it.
+        "matplotlib",
     ],
     extras_require={
         "kernels": ["triton>=3.0"],
