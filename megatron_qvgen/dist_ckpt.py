@@ -119,7 +119,7 @@ def _mark_and_rename(staging: str, path: str) -> None:
 
 class AsyncSaves:
     """megatron's queue of background saves: :meth:`poll` completes the finished ones (collective, call it
-    on every rank at the same points), :meth:`wait` blocks until all are complete."""
+    on every rank at the same points), :meth:`close` waits for all of them."""
 
     def __init__(self):
         import multiprocessing
@@ -136,26 +136,25 @@ class AsyncSaves:
     def schedule(self, request) -> None:
         self._queue.schedule_async_request(request)
 
-    @property
-    def pending(self) -> int:
-        return self._queue.get_num_unfinalized_calls()
-
     def poll(self) -> List[int]:
         return self._queue.maybe_finalize_async_calls(blocking=False)
 
-    def wait(self) -> None:
-        self._queue.maybe_finalize_async_calls(blocking=True)
-
     def close(self) -> None:
-        """Complete what is pending, then stop the results queue's server process."""
-        from megatron.core.dist_checkpointing.strategies import filesystem_async
-
+        """Complete what is pending (collective), then stop the results queue's server process."""
         try:
             self._queue.close()
         finally:
-            if self._manager is not None:
-                filesystem_async._results_queue = None
-                self._manager.shutdown()
+            self.shutdown()
+
+    def shutdown(self) -> None:
+        """Stop the results queue's server process without completing anything (no collective: for an
+        error path, where the pending saves stay ``.incomplete`` and the next start removes them)."""
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+        if self._manager is not None:
+            filesystem_async._results_queue = None
+            self._manager.shutdown()
+            self._manager = None
 
 
 def load_sharded(sharded_state_dict: Dict[str, Any], path: str) -> Dict[str, Any]:

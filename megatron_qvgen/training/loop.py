@@ -377,8 +377,10 @@ class Trainer:
             self.async_saves.close()
 
     def _release(self) -> None:
-        """Give back what the run holds: signal handlers, TensorBoard, the run-directory lock."""
+        """Give back what the run holds: signal handlers, TensorBoard, the async writer, the run-directory lock."""
         self.signals.uninstall()
+        if getattr(self, "async_saves", None) is not None:
+            self.async_saves.shutdown()   # after close() a no-op; on an error path nothing is completed
         if getattr(self, "monitor", None) is not None:
             self.monitor.close()
         run = getattr(self, "run", None)
