@@ -55,6 +55,7 @@ setup(
     entry_points={
         "console_scripts": [
             "qvgen-train=megatron_qvgen.train:main",
+            "qvgen-evaluate=megatron_qvgen.evaluate:main",
         ]
     },
 )

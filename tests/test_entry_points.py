@@ -120,7 +120,9 @@ def test_a_short_run_prints_one_console_line_per_log_interval_and_no_megatron_ch
     assert [l.split(" | ")[0] for l in out.splitlines() if l.startswith("step ")] == ["step 3/6", "step 6/6"]
     console = [l for l in out.splitlines() if l.startswith("step ")]
     assert all(" lr " in l and " aux_rank " in l and " weights " not in l for l in console), console
-    assert "INFO megatron" not in err and "Params for bucket" not in err and "UserWarning" not in err, err
+    # our own INFO lines (checkpoint saved, ...) stay; megatron's and other libraries' INFO chatter does not
+    foreign_info = [l for l in err.splitlines() if " INFO " in l and " INFO megatron_qvgen." not in l]
+    assert not foreign_info and "Params for bucket" not in err and "UserWarning" not in err, err
 
 
 def test_fit_teacher_reports_missing_shards_on_one_line(tmp_path):

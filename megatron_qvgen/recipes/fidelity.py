@@ -24,6 +24,9 @@ TEXT_LEN, TEXT_DIM = 32, 64   # captions of one object are <= 16 words; two obje
 
 @recipe("small_wan")
 def small_wan() -> ExperimentConfig:
+    """Fidelity-study teacher, 36M parameters (8 Wan blocks, hidden 512), on synthetic captioned clips: one GPU.
+
+    Fitted in one seeded command by benchmarks/fidelity/fit_teacher.sh gpu; docs/fidelity.md."""
     model = WanConfig(num_attention_heads=8, attention_head_dim=64, ffn_dim=2048, num_layers=8, in_channels=16,
                       out_channels=16, text_dim=TEXT_DIM, freq_dim=256, text_len=TEXT_LEN)
     return ExperimentConfig(
@@ -36,6 +39,9 @@ def small_wan() -> ExperimentConfig:
 
 @recipe("small_wan_cpu")
 def small_wan_cpu() -> ExperimentConfig:
+    """Fidelity-study teacher for CPUs, 1.2M parameters (4 Wan blocks, hidden 128), and the CPU-scale study.
+
+    benchmarks/fidelity/fit_teacher.sh cpu fits it; docs/fidelity.md reports the study run on it."""
     model = WanConfig(num_attention_heads=4, attention_head_dim=32, ffn_dim=512, num_layers=4, in_channels=16,
                       out_channels=16, text_dim=TEXT_DIM, freq_dim=64, text_len=TEXT_LEN)
     return ExperimentConfig(

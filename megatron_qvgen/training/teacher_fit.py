@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +51,10 @@ def fit_teacher(cfg: ExperimentConfig, out_dir: str, steps: int, lr: float = 1e-
     objective = objective_for(m.arch, cfg.train.flow_shift, cfg.train.snr_shift_scale)
     num_micro = cfg.train.num_microbatches(info.dp_size)
     last_loss = float("nan")
-    bar = tqdm(range(steps), desc="fit teacher", disable=info.rank != info.world_size - 1)
+    logging_rank = info.rank == info.world_size - 1           # the last stage holds the loss
+    # A bar on a terminal; in a log file one line per tenth of the run instead of hundreds of redraws.
+    bar = tqdm(range(steps), desc="fit teacher", disable=not (logging_rank and sys.stderr.isatty()))
+    every = max(1, steps // 10)
     for step in bar:
         micro = []
         for i in range(num_micro):
@@ -78,6 +82,8 @@ def fit_teacher(cfg: ExperimentConfig, out_dir: str, steps: int, lr: float = 1e-
         if losses:
             last_loss = float(torch.stack(losses).mean())
             bar.set_postfix(loss=f"{last_loss:.4f}")
+        if logging_rank and bar.disable and ((step + 1) % every == 0 or step + 1 == steps):
+            log.info("fit teacher: step %d/%d | loss %.4f", step + 1, steps, last_loss)
     state = {"model": raw[0].sharded_state_dict()} if len(raw) == 1 else \
         {f"model{i}": c.sharded_state_dict() for i, c in enumerate(raw)}
     state.update(content_metadata(m))  # the model config travels with the weights, as the converter records it
