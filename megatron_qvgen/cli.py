@@ -37,6 +37,8 @@ _NOISE_WARNINGS = (
     # The export and conversion tools read dist checkpoints in one process on purpose (no process group).
     (UserWarning, r"torch\.distributed is disabled, unavailable or uninitialized, assuming the intent is to load "
                   r"in a single process"),
+    # megatron calls DCP's deprecated load_state_dict; nothing to change on our side.
+    (FutureWarning, r".*load_state_dict.*"),
     # megatron-core 0.19 warns at import about a multimodal model class this project never uses.
     (UserWarning, r"MimoModelConfig is experimental.*"),
 )

@@ -16,7 +16,6 @@ process at TP = 1 on the GPU if there is one, else the CPU, whatever TP/PP the c
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from typing import List, Optional
 
@@ -34,10 +33,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance (1 = off)")
     parser.add_argument("--attention", default=None, help="attention backend of the export runtime, if it offers one")
     args, rest = parser.parse_known_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from megatron_qvgen.fidelity.session import quiet_warnings
+    from megatron_qvgen import cli
 
-    quiet_warnings()
+    cli.quiet_console()
     from megatron_qvgen.config import ConfigError, parse_override_args
     from megatron_qvgen.fidelity import EvaluationError
     from megatron_qvgen.fidelity.pipeline import EvalOptions, evaluate

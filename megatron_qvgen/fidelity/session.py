@@ -7,7 +7,6 @@ launcher with more than one process the tool refuses, since it would evaluate th
 from __future__ import annotations
 
 import os
-import warnings
 
 import torch
 import torch.distributed as dist
@@ -54,7 +53,3 @@ def close_single_process() -> None:
     _OWN_GROUP = False
 
 
-def quiet_warnings() -> None:
-    """megatron-core's notices that no GPU fusion library is installed, and its call of DCP's deprecated load."""
-    warnings.filterwarnings("ignore", message=".*(Transformer Engine and Apex|Apex is not installed).*")
-    warnings.filterwarnings("ignore", category=FutureWarning, message=".*load_state_dict.*")

@@ -194,9 +194,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--sampling-steps", type=int, default=20)
     parser.add_argument("--spectrum-interval", type=int, default=5)
     args, rest = parser.parse_known_args(argv)
-    from megatron_qvgen.fidelity.session import quiet_warnings
+    from megatron_qvgen import cli
 
-    quiet_warnings()
+    cli.quiet_console()
     from megatron_qvgen.config import ConfigError, parse_override_args
     from megatron_qvgen.fidelity import report
     from megatron_qvgen.fidelity.pipeline import EvalOptions

@@ -84,9 +84,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--sampling-steps", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
     args, rest = parser.parse_known_args(argv)
-    from megatron_qvgen.fidelity.session import quiet_warnings
+    from megatron_qvgen import cli
 
-    quiet_warnings()
+    cli.quiet_console()
     from megatron_qvgen.config import ConfigError, apply_overrides, parse_override_args
     from megatron_qvgen.recipes import get_recipe
 
