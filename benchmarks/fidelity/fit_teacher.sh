@@ -6,6 +6,8 @@
 #   bash benchmarks/fidelity/fit_teacher.sh gpu   # small_wan (~36 M parameters, 4 x 32 x 32 latents): one GPU, < 10 min
 #   bash benchmarks/fidelity/fit_teacher.sh cpu   # small_wan_cpu (~1.2 M parameters, 3 x 16 x 16 latents): a CPU
 #
+# Stopped part-way (a time-limited call), the same command continues the fit from $OUT/teacher.fit (a resumable
+# checkpoint every CHECKPOINT_EVERY = 250 steps) to the same teacher.
 # Writes $OUT/data (latent shards), $OUT/teacher (a megatron checkpoint: --init-from / --teacher for every tool),
 # $OUT/teacher_samples.json and .png. OUT defaults to outputs/fidelity/<recipe>.
 set -euo pipefail
@@ -23,7 +25,7 @@ python data/make_synthetic.py --out "$OUT/data" --samples "$SAMPLES" --samples-p
 if [ ! -f "$OUT/teacher/qvgen_complete" ]; then
   torchrun --standalone --nproc-per-node 1 -m megatron_qvgen.fit_teacher --recipe "$RECIPE" --out "$OUT/teacher" \
     --steps "$STEPS" --lr "$LR" --data.shards "$OUT/data" --train.global_batch_size "$BATCH" \
-    --train.micro_batch_size "$BATCH" --train.seed 0
+    --train.micro_batch_size "$BATCH" --train.seed 0 --checkpoint-every "${CHECKPOINT_EVERY:-250}"
 fi
 python -m megatron_qvgen.fidelity.teacher_check --teacher "$OUT/teacher" --recipe "$RECIPE" \
   --json "$OUT/teacher_samples.json" --data.shards "$OUT/data"

@@ -1,16 +1,60 @@
 #!/usr/bin/env bash
-# The whole fidelity study on one GPU, one command: the small_wan teacher (fit_teacher.sh gpu, < 10 min), then the five
-# methods x W4A4/W3A3 x 3 seeds at equal budget, JOBS runs at once on the one GPU (each small run uses a fraction of
-# an H200), then results.json / results.md / plots. Extra arguments go to run_study.py (e.g. --train.lr 3e-5).
+# The whole fidelity study on one GPU: the small_wan teacher (fit_teacher.sh gpu), then the five methods x W4A4/W3A3
+# x 3 seeds at equal budget, JOBS runs at once on the one GPU (each small run uses a fraction of an H200), then
+# results.json / results.md / plots. Extra arguments go to run_study.py (e.g. --train.lr 3e-5). Settings:
+# TEACHER_STEPS (3000), STUDY_STEPS (400), JOBS (9), FID (outputs/fidelity/small_wan), RESULTS, DEADLINE, BUNDLE.
 #
-#   bash benchmarks/fidelity/gpu_study.sh                      # on a machine set up like the repo's venv
-#   source benchmarks/training/device_env.sh && bash benchmarks/fidelity/gpu_study.sh   # on the lent GPU image
+#   bash benchmarks/fidelity/gpu_study.sh [all|teacher|study] [run_study.py arguments]
 #
-# Budget (estimated, NOT yet measured: no GPU was lent to the session that wrote it): teacher 3000 steps x 32 clips
-# of 1024 tokens; study 24 trained runs x 400 steps x 16 clips + 2 PTQ evaluations, 16 prompts x 20 sampler steps each.
-set -euo pipefail
+# On a machine without a time limit, `all` (the default) does everything. On the lent GPU a command runs for at
+# most 10 minutes and a warm machine keeps the ignored outputs/ folder between calls, so it is done in calls of
+# DEADLINE seconds, each continuing the last (the teacher fit from its checkpoint every 250 steps, the study from
+# the runs already recorded), each packing what it made into one archive, $BUNDLE:
+#
+#   source benchmarks/training/device_env.sh && DEADLINE=540 BUNDLE=$OUT/fidelity.tgz bash benchmarks/fidelity/gpu_study.sh teacher
+#   source benchmarks/training/device_env.sh && DEADLINE=540 BUNDLE=$OUT/fidelity.tgz bash benchmarks/fidelity/gpu_study.sh study
+#                                                   # again while it exits 3 (runs left)
+#
+# Budget (estimated, NOT yet measured: no GPU has been lent since it was written): teacher 3000 steps x 32 clips of
+# 1024 tokens (~7 min at 50 TFLOP/s); study 24 trained runs x 400 steps x 16 clips + 2 PTQ evaluations, 16 prompts x
+# 20 sampler steps each (~15-20 min).
+set -uo pipefail
 cd "$(dirname "$0")/../.."
-export OUT=${OUT:-outputs/fidelity/small_wan}
-bash benchmarks/fidelity/fit_teacher.sh gpu
-python benchmarks/fidelity/run_study.py --teacher "$OUT/teacher" --recipe small_wan --data "$OUT/data" \
-  --out "${RESULTS:-benchmarks/fidelity/results/gpu}" --jobs "${JOBS:-9}" --steps "${STEPS:-400}" "$@"
+STAGE=all
+case "${1:-}" in all|teacher|study) STAGE=$1; shift ;; esac
+SCALE=${SCALE:-gpu}                          # cpu: the small_wan_cpu recipe (a dry run of the plumbing)
+RECIPE=small_wan; [ "$SCALE" = cpu ] && RECIPE=small_wan_cpu
+FID=${FID:-outputs/fidelity/$RECIPE}
+RESULTS=${RESULTS:-outputs/fidelity/study_$SCALE}   # benchmarks/fidelity/results/ holds the recorded ones
+DEADLINE=${DEADLINE:-}
+started=$SECONDS
+rc=0
+
+left() {  # seconds of the deadline still to spend (a large number without one)
+  if [ -n "$DEADLINE" ]; then echo $(( DEADLINE - (SECONDS - started) )); else echo 999999; fi
+}
+
+if [ "$STAGE" != study ]; then
+  # fit_teacher.sh reads STEPS as the teacher's steps: TEACHER_STEPS here, never the study's
+  env -u STEPS ${TEACHER_STEPS:+STEPS=$TEACHER_STEPS} OUT="$FID" timeout "$(left)" \
+    bash benchmarks/fidelity/fit_teacher.sh "$SCALE"
+  rc=$?
+  [ $rc -eq 124 ] && echo "teacher fit stopped at the deadline: the same command continues it" >&2
+fi
+if [ "$STAGE" != teacher ] && [ $rc -eq 0 ]; then
+  if [ ! -f "$FID/teacher/qvgen_complete" ]; then
+    echo "no fitted teacher in $FID/teacher: run the teacher stage first" >&2; rc=2
+  else
+    deadline=()
+    [ -n "$DEADLINE" ] && deadline=(--deadline-s "$(( $(left) - 60 ))")   # a minute to gather and plot
+    python benchmarks/fidelity/run_study.py --teacher "$FID/teacher" --recipe "$RECIPE" --data "$FID/data" \
+      --out "$RESULTS" --jobs "${JOBS:-9}" --steps "${STUDY_STEPS:-400}" "${deadline[@]}" "$@"
+    rc=$?
+  fi
+fi
+made=$(ls -d "$FID"/teacher_samples.* "$RESULTS" 2>/dev/null)
+if [ -n "${BUNDLE:-}" ] && [ -n "$made" ]; then
+  # one archive: the lent machine sends back at most 8 files
+  tar czf "$BUNDLE" $made && echo "packed $(du -h "$BUNDLE" | cut -f1) into $BUNDLE"
+fi
+exit $rc

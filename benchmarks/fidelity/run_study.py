@@ -10,7 +10,11 @@ over seeds) and the plots (plots.py).
         --data outputs/fidelity/small_wan/data --out benchmarks/fidelity/results/gpu --jobs 8 [--steps 400] \\
         [--seeds 0 1 2] [--section.field value ...]
 
-A run whose JSON is already there is not repeated (an interrupted study resumes).
+A run whose JSON is already there is not repeated (an interrupted study resumes). ``--deadline-s S`` fits the
+study into time-limited calls (the lent GPU runs a command for at most 10 minutes): no run starts that would
+not end before S seconds (judged by the runs finished so far), runs still going at S are stopped (and redone next
+time), the results of what is done are written, and the exit status is 3 while runs remain: the same command
+again continues.
 """
 import argparse
 import json
@@ -39,6 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--samples", type=int, default=16, help="sampled prompts per evaluation")
     p.add_argument("--sampling-steps", type=int, default=20)
     p.add_argument("--jobs", type=int, default=1, help="runs at once")
+    p.add_argument("--deadline-s", type=float, default=None,
+                   help="stop starting runs that would not end within this many seconds; stop the rest then")
     args, rest = p.parse_known_args(argv)
     return args, rest
 
@@ -60,26 +66,55 @@ def run_all(args, rest):
                 if args.steps:
                     cmd += ["--train.steps", str(args.steps)]
                 queue.append((path, cmd))
+    return run_queue(queue, args.jobs, args.deadline_s)
+
+
+def run_queue(queue, jobs: int, deadline=None):
+    """Run ``(record path, command)`` pairs, ``jobs`` at once, each logging to its path's .log; with a
+    ``deadline`` in seconds see the module docstring. Returns (failed run names, run names not done)."""
     running = []
     failed = []
+    durations = []     # of the runs finished in this call: the estimate of the next one's
     start = time.perf_counter()
-    while queue or running:
-        while queue and len(running) < args.jobs:
+
+    def fits() -> bool:
+        if deadline is None:
+            return True
+        expected = max(durations) if durations else 0.0
+        return time.perf_counter() - start + expected < deadline
+
+    while (queue and fits()) or running:
+        while queue and len(running) < jobs and fits():
             path, cmd = queue.pop(0)
             log = open(path.with_suffix(".log"), "w")
-            running.append((path, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT), log))
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+            running.append((path, proc, log, time.perf_counter()))
         time.sleep(1.0)
         for item in list(running):
-            path, proc, log = item
+            path, proc, log, began = item
             if proc.poll() is None:
                 continue
             running.remove(item)
+            durations.append(time.perf_counter() - began)
             log.close()
             status = "ok" if proc.returncode == 0 else f"FAILED (rc {proc.returncode}, see {path.with_suffix('.log')})"
             if proc.returncode:
                 failed.append(path.name)
             print(f"[{time.perf_counter() - start:7.0f} s] {path.stem}: {status}", flush=True)
-    return failed
+        if deadline is not None and time.perf_counter() - start >= deadline:
+            queue[:0] = [(path, None) for path, *_ in running]      # redone by the next call, in order
+            for path, proc, log, _ in running:
+                proc.terminate()       # the trainer's SIGTERM handling stops it at the end of its step
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                log.close()
+                print(f"[{time.perf_counter() - start:7.0f} s] {path.stem}: stopped at the deadline", flush=True)
+            running = []
+            break
+    return failed, [path.stem for path, _ in queue]
 
 
 def gather(out: Path):
@@ -94,7 +129,7 @@ def gather(out: Path):
 
 def main(argv=None) -> int:
     args, rest = parse_args(argv)
-    failed = run_all(args, rest)
+    failed, left = run_all(args, rest)
     out = Path(args.out)
     runs = gather(out)
     sys.path.insert(0, str(HERE))
@@ -112,6 +147,10 @@ def main(argv=None) -> int:
     if failed:
         print(f"{len(failed)} runs failed: {failed}", file=sys.stderr)
         return 1
+    if left:
+        print(f"{len(left)} runs not done by the deadline ({', '.join(left)}): the same command again continues",
+              file=sys.stderr)
+        return 3
     return 0
 
 

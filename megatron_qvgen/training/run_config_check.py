@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from megatron_qvgen.config import ConfigError, ExperimentConfig
 
@@ -65,10 +65,13 @@ def _is_fixed(name: str) -> bool:
     return name != PHASE_FIELD and any(name == f or (f.endswith(".") and name.startswith(f)) for f in FIXED_FIELDS)
 
 
-def changed_fixed_fields(stored: Dict[str, Any], cfg: ExperimentConfig) -> Dict[str, tuple]:
-    """``{field: (checkpoint value, new value)}`` for every fixed field that differs (fields known to both)."""
+def changed_fixed_fields(stored: Dict[str, Any], cfg: ExperimentConfig, also: Tuple[str, ...] = ()
+                         ) -> Dict[str, tuple]:
+    """``{field: (checkpoint value, new value)}`` for every fixed field (and every field named in ``also``) that
+    differs (fields known to both)."""
     old, new = _flatten(stored), _flatten(cfg.to_dict())
-    return {k: (old[k], new[k]) for k in sorted(old.keys() & new.keys()) if _is_fixed(k) and old[k] != new[k]}
+    return {k: (old[k], new[k]) for k in sorted(old.keys() & new.keys())
+            if (_is_fixed(k) or k in also) and old[k] != new[k]}
 
 
 def _phase(cfg: ExperimentConfig, phase_steps: int, steps_done: int) -> int:

@@ -1,0 +1,51 @@
+"""benchmarks/fidelity/run_study.py under a deadline: the lent GPU runs a command for at most ten minutes, so the
+study must stop cleanly inside a call and continue in the next one. Real processes (sleeping Python runs that
+write their record as a study run does, at the end)."""
+import importlib.util
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _runner():
+    spec = importlib.util.spec_from_file_location("run_study", ROOT / "benchmarks/fidelity/run_study.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _queue(folder: Path, seconds):
+    """One run per entry: sleeps, then writes its JSON record (nothing if it is stopped first)."""
+    return [(folder / f"run{i}.json", [sys.executable, "-c",
+                                       f"import time, pathlib; time.sleep({s}); "
+                                       f"pathlib.Path({str(folder / f'run{i}.json')!r}).write_text('{{}}')"])
+            for i, s in enumerate(seconds)]
+
+
+def test_without_a_deadline_every_run_finishes(tmp_path):
+    failed, left = _runner().run_queue(_queue(tmp_path, [0.1, 0.1, 0.1]), jobs=2)
+    assert failed == [] and left == []
+    assert sorted(p.name for p in tmp_path.glob("*.json")) == ["run0.json", "run1.json", "run2.json"]
+
+
+def test_a_deadline_stops_the_runs_still_going_and_leaves_them_for_the_next_call(tmp_path):
+    # run0 (0.5 s) and run1 (30 s) start together; within ~2 s run0 is done and run2 starts (its estimate, run0's
+    # time, fits before 8 s); at the 8 s deadline run1 and run2 are stopped without a record; run3 never starts.
+    start = time.perf_counter()
+    failed, left = _runner().run_queue(_queue(tmp_path, [0.5, 30, 30, 30]), jobs=2, deadline=8)
+    took = time.perf_counter() - start
+    assert failed == [] and left == ["run1", "run2", "run3"]
+    assert [p.name for p in tmp_path.glob("*.json")] == ["run0.json"]
+    assert (tmp_path / "run2.log").exists() and not (tmp_path / "run3.log").exists()
+    assert took < 20, took
+
+
+def test_no_run_starts_that_the_finished_ones_say_cannot_end_in_time(tmp_path):
+    # Each run takes 1.5 s; the first two (started together) are seen done at ~2 s (the runner looks once a
+    # second), and no third one starts, since 2 s + 2 s > 3.5 s: it is left for the next call, nothing is stopped.
+    failed, left = _runner().run_queue(_queue(tmp_path, [1.5, 1.5, 1.5]), jobs=2, deadline=3.5)
+    assert failed == [] and left == ["run2"]
+    assert sorted(p.name for p in tmp_path.glob("*.json")) == ["run0.json", "run1.json"]
+    assert not (tmp_path / "run2.log").exists()
