@@ -142,8 +142,8 @@ def plan_resume(stored: Optional[Dict[str, Any]], cfg: ExperimentConfig, step: i
             how = ("train.load_dir continues the run that wrote it; to train the new settings start from the "
                    "full-precision weights (--init-from) with another --train.save_dir")
         if PHASE_FIELD in changes:
-            how += (f" (quant.decay_phase_steps may change only while the checkpoint stays in the same "
-                    f"rank-decay phase)")
+            how += (" (quant.decay_phase_steps may change only while the checkpoint stays in the same "
+                    "rank-decay phase)")
         raise RunConfigMismatch(f"{where} was trained with other settings: {listed}. {how}")
     old_steps = stored.get("train", {}).get("steps")
     if old_steps is not None and old_steps != cfg.train.steps and step < cfg.train.steps:
