@@ -6,10 +6,10 @@
 # Writes $OUT/mcore19_tests.log, $OUT/mcore19_train.log and prints a two-line summary.
 set -uo pipefail
 W19=$1; W=$2; OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site19 \
   "$W19"/megatron_core-0.19*.whl "$W"/diffusers-*.whl "$W"/importlib_metadata-*.whl "$W"/braceexpand-*.whl \
   "$W"/webdataset-*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD:$PWD/kernels PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2 QVGEN_FUSED_AUTOTUNE=0
+export PYTHONPATH=/tmp/site19:$PWD:$PWD/kernels PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2 QVGEN_FUSED_AUTOTUNE=0
 export CUDA_DEVICE_MAX_CONNECTIONS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 python3 -W ignore -c "import sys, torch, triton, megatron.core as m
 print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'megatron-core',
