@@ -169,12 +169,17 @@ def bench_attention(out: dict, tiny: bool, save):
     shapes = [("wan1.3b_self", 32760, 32760, 12, 128), ("wan14b_self", 32760, 32760, 40, 128),
               ("wan14b_cross", 32760, 512, 40, 128), ("wan14b_720p_self", 75600, 75600, 40, 128),
               ("cogvideox2b_joint", 17776, 17776, 30, 64)]
-    sweep = [AttentionConfig(bm, bn, w, s) for bm, bn, w, s in ((128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3),
-                                                               (128, 64, 8, 3), (64, 128, 4, 3), (128, 128, 4, 3))]
+    # tile sweeps per head dim (SageAttention's (128, 64, 8, 4) / (128, 64, 4, 3) included; 64-row tiles let 2-3
+    # programs share an SM, so one's softmax overlaps another's matrix work)
+    sweeps = {128: [(128, 128, 8, 2), (128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 8, 3), (128, 64, 8, 4),
+                    (64, 128, 4, 2), (64, 128, 4, 3), (64, 64, 4, 3)],
+              64: [(128, 128, 8, 3), (128, 128, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3)]}
+    sweep_shapes = [1, 4]     # wan14b_self (d = 128), cogvideox2b_joint (d = 64)
     if tiny:
         shapes = [("tiny", 100, 100, 2, 64), ("tiny_cross", 100, 20, 2, 64)]
-        sweep = [AttentionConfig(32, 32, 4, 2), AttentionConfig(32, 16, 4, 2)]
-    bench = (lambda f: do_bench(f, warmup=3, rep=40, return_mode="median")) if DEVICE == "cuda" else \
+        sweeps = {64: [(32, 32, 4, 2), (32, 16, 4, 2)]}
+        sweep_shapes = [0]
+    bench = (lambda f: do_bench(f, warmup=3, rep=100, return_mode="median")) if DEVICE == "cuda" else \
         (lambda f: statistics.median(time_calls(f, 2)))
     res = out.setdefault("attention", {})
     for name, SQ, SK, H, D in shapes:
@@ -198,20 +203,22 @@ def bench_attention(out: dict, tiny: bool, save):
         print("attention", name, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
         save()
         del q, k, v
-    name, SQ, SK, H, D = shapes[1] if not tiny else shapes[0]
-    gen = torch.Generator(device=DEVICE).manual_seed(0)
-    q, k, v = (torch.randn(1, s, H, D, device=DEVICE, generator=gen).to(torch.bfloat16) for s in (SQ, SK, SK))
-    o = torch.empty_like(q)
-    sweep_res = []
-    for cfg in sweep:
-        try:
-            qkv = quantize_qkv(q, k, v, config=cfg)
-            sweep_res.append(dict(config=cfg.__dict__, kernel_ms=bench(lambda: attention_from_codes(qkv, o, cfg))))
-        except Exception as e:
-            sweep_res.append(dict(config=cfg.__dict__, error=repr(e)[:300]))
-    res["sweep_" + name] = sweep_res
-    print("attention sweep", name, sweep_res, flush=True)
-    save()
+    for index in sweep_shapes:
+        name, SQ, SK, H, D = shapes[index]
+        gen = torch.Generator(device=DEVICE).manual_seed(0)
+        q, k, v = (torch.randn(1, s, H, D, device=DEVICE, generator=gen).to(torch.bfloat16) for s in (SQ, SK, SK))
+        o = torch.empty_like(q)
+        sweep_res = []
+        for cfg in (AttentionConfig(*t) for t in sweeps[D]):
+            try:
+                qkv = quantize_qkv(q, k, v, config=cfg)
+                sweep_res.append(dict(config=cfg.__dict__, kernel_ms=bench(lambda: attention_from_codes(qkv, o, cfg))))
+            except Exception as e:
+                sweep_res.append(dict(config=cfg.__dict__, error=repr(e)[:300]))
+        res["sweep_" + name] = sweep_res
+        print("attention sweep", name, sweep_res, flush=True)
+        save()
+        del q, k, v
 
 
 def table(out: dict) -> str:

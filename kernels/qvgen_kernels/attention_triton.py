@@ -34,6 +34,10 @@ from .attention import HEAD_DIMS, LOG2_P_SCALE, LOG2E, P_SCALE, PV_DTYPES, V_SCA
 
 _NORM_CODES = {"none": 0, "rms_row": 1, "layer_head": 2}
 _QUANT_ROWS = 64             # tokens a program of the Q pass handles
+# The code passes round x * (127 / amax) with the magic-number add; compiled with FMA contraction that becomes
+# fma(x, inv, magic), which rounds the exact product instead of the float32 one the torch twin rounds (a code
+# off by one at rare ties). Memory-bound passes: no cost to keep the multiply and the add apart.
+_NO_FMA = dict(enable_fp_fusion=False)
 
 
 @dataclass(frozen=True)
@@ -49,12 +53,13 @@ class AttentionConfig:
             raise ValueError(f"AttentionConfig.pv must be one of {PV_DTYPES}, got {self.pv!r}")
         for name in ("block_m", "block_n"):
             v = getattr(self, name)
-            if v < 16 or v & (v - 1):
-                raise ValueError(f"AttentionConfig.{name} must be a power of two >= 16, got {v}")
+            if v < 16 or v > 256 or v & (v - 1):   # a TMA box side is at most 256
+                raise ValueError(f"AttentionConfig.{name} must be a power of two in [16, 256], got {v}")
 
 
 def default_config(head_dim: int) -> AttentionConfig:
-    """Tile shape by head dim (H200 sweep, benchmarks/runtime/RESULTS.md)."""
+    """Tile shape by head dim. Not yet measured: the benchmark's sweep (benchmarks/runtime/bench_runtime.py) is
+    what should set these; both compile for sm_90 without spills (233 / 255 registers)."""
     if head_dim <= 64:
         return AttentionConfig(block_m=128, block_n=128, num_warps=4, num_stages=3)
     return AttentionConfig(block_m=128, block_n=128, num_warps=8, num_stages=3)
@@ -212,7 +217,8 @@ def quantize_q(q: torch.Tensor, prep: Optional[QKPrep] = None):
     (nw, nb, cos, sin, start, eps), norm, rope = _prep_args(q, prep)
     _qk_pass_kernel[(triton.cdiv(S, _QUANT_ROWS), B)](
         q, codes, scale, scale, scale, nw, nb, cos, sin, S, q.stride(0), q.stride(1), q.stride(2), start, eps,
-        D ** -0.5 * LOG2E, H=H, D2=D // 2, BLK=_QUANT_ROWS, NORM=norm, ROPE=rope, MODE=0, num_warps=4)
+        D ** -0.5 * LOG2E, H=H, D2=D // 2, BLK=_QUANT_ROWS, NORM=norm, ROPE=rope, MODE=0, num_warps=4,
+        **_NO_FMA)
     return codes, scale
 
 
@@ -225,7 +231,7 @@ def quantize_k(k: torch.Tensor, block_n: int, prep: Optional[QKPrep] = None):
     (nw, nb, cos, sin, start, eps), norm, rope = _prep_args(k, prep)
     colsum = torch.empty(blocks, B, H, D, dtype=torch.float32, device=k.device)
     args = (nw, nb, cos, sin, S, k.stride(0), k.stride(1), k.stride(2), start, eps, 1.0)
-    meta = dict(H=H, D2=D // 2, BLK=block_n, NORM=norm, ROPE=rope, num_warps=4 if block_n <= 64 else 8)
+    meta = dict(H=H, D2=D // 2, BLK=block_n, NORM=norm, ROPE=rope, num_warps=4 if block_n <= 64 else 8, **_NO_FMA)
     _qk_pass_kernel[(blocks, B)](k, colsum, colsum, colsum, colsum, *args, MODE=2, **meta)
     mean = (colsum.sum(0) / S).contiguous()
     codes = torch.empty(B, H, S, D, dtype=torch.int8, device=k.device)
