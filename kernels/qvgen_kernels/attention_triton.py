@@ -55,6 +55,9 @@ class AttentionConfig:
             v = getattr(self, name)
             if v < 16 or v > 256 or v & (v - 1):   # a TMA box side is at most 256
                 raise ValueError(f"AttentionConfig.{name} must be a power of two in [16, 256], got {v}")
+        if self.pv == "fp8" and self.block_n < 32:   # block_n is the K of the P.V product (found on an H200)
+            raise ValueError(f"AttentionConfig: fp8 P.V needs block_n >= 32 (fp8 tensor-core products take K >= 32), "
+                             f"got {self.block_n}; use pv='fp16' for smaller tiles")
 
 
 def default_config(head_dim: int) -> AttentionConfig:
