@@ -46,6 +46,8 @@ _NOISE_WARNINGS = (
 _NOISE_LOGS = (
     # megatron-core 0.19 logs this on every SYNCHRONOUS save (its sync path runs the deprecated async code).
     ("megatron.core.dist_checkpointing.strategies.torch", "MCore's async save is deprecated"),
+    # torch on a CUDA image with the GPUs hidden (CUDA_VISIBLE_DEVICES=): printed ahead of every one-line error
+    ("torch.utils.cpp_extension", "No CUDA runtime is found"),
 )
 
 
