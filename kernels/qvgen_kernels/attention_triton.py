@@ -61,11 +61,11 @@ class AttentionConfig:
 
 
 def default_config(head_dim: int) -> AttentionConfig:
-    """Tile shape by head dim. Not yet measured: the benchmark's sweep (benchmarks/runtime/bench_runtime.py) is
-    what should set these; both compile for sm_90 without spills (233 / 255 registers)."""
-    if head_dim <= 64:
-        return AttentionConfig(block_m=128, block_n=128, num_warps=4, num_stages=3)
-    return AttentionConfig(block_m=128, block_n=128, num_warps=8, num_stages=3)
+    """Tile shape: the fastest of the H200 sweep at both head dims (benchmarks/runtime/RESULTS.md, 2026-12-05:
+    28.8 ms vs 31.7 ms for 128 x 128 at Wan-14B, 4.19 vs 4.95 ms at CogVideoX-2B); 64-row tiles let two programs
+    share an SM, so one's softmax overlaps the other's tensor-core work."""
+    del head_dim  # one shape wins at d = 64 and d = 128 alike
+    return AttentionConfig(block_m=64, block_n=128, num_warps=4, num_stages=3)
 
 
 # ------------------------------------------------------------------------------------------ fp8 cast
