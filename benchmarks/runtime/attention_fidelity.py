@@ -6,8 +6,8 @@ whole runtime in float32, the arithmetic-noise reference) and sampled with the e
 same prompts and noise as the teacher. It reports each against the teacher and, what the 2 % target is about,
 int8 against bf16 attention directly (final latents, relative L2).
 
-    python benchmarks/runtime/attention_fidelity.py --teacher T --export E --recipe small_wan_cpu --data D \\
-        --json OUT.json [--samples 16] [--sampling-steps 20]
+    python benchmarks/runtime/attention_fidelity.py --teacher T --export E --recipe small_wan_cpu --json OUT.json \\
+        [--samples 16] [--sampling-steps 20] [--section.field value ...]   # e.g. --data.shards D: the prompts
 
 On a CPU the int8 attention runs its torch twin (the same codes and scales as the Triton kernel), on a GPU the
 kernel itself.
@@ -24,10 +24,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_qvgen.cli import quiet_console
-from megatron_qvgen.fidelity.pipeline import EvalOptions, measure
-from megatron_qvgen.fidelity.session import close_single_process, open_single_process
-from megatron_qvgen.fidelity.students import RuntimeDenoiser, load_teacher, resolve_student, run_config
+from quality import rel_l2
 
 VARIANTS = {  # name: (attention, float32 compute)
     "bf16 attention": ("bf16", False),
@@ -36,27 +33,25 @@ VARIANTS = {  # name: (attention, float32 compute)
 }
 
 
-def _rel_l2(a, b) -> float:
-    a, b = torch.cat([x.double() for x in a]), torch.cat([x.double() for x in b])
-    return float((a - b).norm() / b.norm())
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", required=True)
     p.add_argument("--export", required=True)
     p.add_argument("--recipe", required=True)
-    p.add_argument("--data", default=None, help="the run's latent shards, where the prompts come from "
-                   "(default: the recipe's)")
     p.add_argument("--json", required=True)
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--sampling-steps", type=int, default=20)
-    args = p.parse_args(argv)
-    quiet_console()
+    args, rest = p.parse_known_args(argv)
+    from megatron_qvgen.cli import quiet_console
+
+    quiet_console()   # before megatron is imported
+    from megatron_qvgen.config import parse_override_args
+    from megatron_qvgen.fidelity.pipeline import EvalOptions, measure
+    from megatron_qvgen.fidelity.session import close_single_process, open_single_process
+    from megatron_qvgen.fidelity.students import RuntimeDenoiser, load_teacher, resolve_student, run_config
     from qvgen_kernels.runtime import load_transformer
 
-    overrides = [("data.shards", args.data)] if args.data else []
-    cfg = run_config(resolve_student(args.export), args.recipe, overrides)
+    cfg = run_config(resolve_student(args.export), args.recipe, parse_override_args(rest))
     options = EvalOptions(samples=args.samples, sampling_steps=args.sampling_steps)
     info = open_single_process(seed=options.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -77,9 +72,10 @@ def main(argv=None) -> int:
                   f"PSNR {rows[name]['psnr_db']:.2f} dB", flush=True)
     finally:
         close_single_process()
-    direct = {"int8 vs bf16 attention": _rel_l2(finals["int8 attention"], finals["bf16 attention"]),
-              "bf16 vs fp32 compute (noise floor)": _rel_l2(finals["bf16 attention"],
-                                                            finals["bf16 attention, fp32 compute"])}
+    final = {name: torch.cat(samples) for name, samples in finals.items()}
+    direct = {"int8 vs bf16 attention": rel_l2(final["int8 attention"], final["bf16 attention"]),
+              "bf16 vs fp32 compute (noise floor)": rel_l2(final["bf16 attention"],
+                                                           final["bf16 attention, fp32 compute"])}
     for name, value in direct.items():
         print(f"{name:36s} final-latent rel_l2 {value:.4f}")
     record = {"date": str(date.today()), "device": torch.cuda.get_device_name() if device == "cuda" else
