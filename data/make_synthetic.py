@@ -31,6 +31,8 @@ def parse_args(argv=None):
     p.add_argument("--text-padding", choices=("zeros", "encoder"), default="zeros",
                    help="zeros after the prompt (Wan) or the whole encoder output (CogVideoX)")
     p.add_argument("--device", default=None, help="default: cuda when present, else cpu")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes writing shards at once (projection and hash text encoder only)")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -61,7 +63,8 @@ def main(argv=None) -> int:
                          frames=args.frames, height=args.height, width=args.width, text_len=args.text_len,
                          text_dim=text_dim, seed=args.seed, fps=args.fps, max_objects=args.max_objects,
                          shard_prefix=args.shard_prefix)
-    make_synthetic_shards(args.out, spec, vae=vae, text_encoder=encoder, progress=not args.no_progress)
+    make_synthetic_shards(args.out, spec, vae=vae, text_encoder=encoder, progress=not args.no_progress,
+                          workers=args.workers)
     print(f"wrote {spec.num_samples} samples in {spec.num_shards} shards to {args.out}")
     return 0
 

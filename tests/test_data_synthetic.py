@@ -31,7 +31,7 @@ def test_same_seed_same_bytes_other_seed_other_data(tmp_path):
     spec = SyntheticSpec(num_samples=6, samples_per_shard=4, latent_channels=4, frames=3, height=8, width=8,
                          text_len=12, text_dim=16, seed=3)
     make_synthetic_shards(str(tmp_path / "a"), spec, progress=False)
-    make_synthetic_shards(str(tmp_path / "b"), spec, progress=False)
+    make_synthetic_shards(str(tmp_path / "b"), spec, progress=False, workers=2)   # forked shard writers
     assert _files(tmp_path / "a") == _files(tmp_path / "b")
     assert sorted(_files(tmp_path / "a")) == ["dataset.json", "empty_prompt.npy", "synthetic-000000.index.json",
                                               "synthetic-000000.tar", "synthetic-000001.index.json",

@@ -53,3 +53,14 @@ def test_spectrum_share_counts_small_and_removed_directions():
     log.record(9, [])                                                             # rank 0: the module is gone
     assert log.share_small == [0.0, 0.75, 1.0] and log.steps == [0, 5, 9]
     assert log.mean_spectrum[1] == pytest.approx([1.0, 0.05, 0.025, 0.0])
+
+
+@pytest.mark.parametrize("d_out,rank,d_in", [(48, 6, 80), (32, 8, 8), (64, 1, 16)])
+def test_lowrank_singular_values_equal_those_of_the_product(d_out, rank, d_in):
+    from megatron_qvgen.fidelity.study import lowrank_singular_values
+
+    g = torch.Generator().manual_seed(d_out + rank)
+    left = torch.randn(d_out, rank, generator=g, dtype=torch.float64)
+    right = torch.randn(rank, d_in, generator=g, dtype=torch.float64) * torch.logspace(0, -3, rank)[:, None]
+    expected = torch.linalg.svdvals(left @ right)[:rank]
+    assert torch.allclose(lowrank_singular_values(left, right), expected, rtol=1e-10, atol=1e-12)

@@ -21,7 +21,8 @@ esac
 OUT=${OUT:-outputs/fidelity/$RECIPE}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 python data/make_synthetic.py --out "$OUT/data" --samples "$SAMPLES" --samples-per-shard 500 --frames "$FRAMES" \
-  --height "$SIZE" --width "$SIZE" --text-len 32 --text-dim 64 --max-objects 1 --seed 0 --no-progress
+  --height "$SIZE" --width "$SIZE" --text-len 32 --text-dim 64 --max-objects 1 --seed 0 --no-progress \
+  --workers "$(( $(nproc) < 16 ? $(nproc) : 16 ))"
 if [ ! -f "$OUT/teacher/qvgen_complete" ]; then
   torchrun --standalone --nproc-per-node 1 -m megatron_qvgen.fit_teacher --recipe "$RECIPE" --out "$OUT/teacher" \
     --steps "$STEPS" --lr "$LR" --data.shards "$OUT/data" --train.global_batch_size "$BATCH" \

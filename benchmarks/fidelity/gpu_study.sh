@@ -2,7 +2,9 @@
 # The whole fidelity study on one GPU: the small_wan teacher (fit_teacher.sh gpu), then the five methods x W4A4/W3A3
 # x 3 seeds at equal budget, JOBS runs at once on the one GPU (each small run uses a fraction of an H200), then
 # results.json / results.md / plots. Extra arguments go to run_study.py (e.g. --train.lr 3e-5). Settings:
-# TEACHER_STEPS (3000), STUDY_STEPS (400), JOBS (9), FID (outputs/fidelity/small_wan), RESULTS, DEADLINE, BUNDLE.
+# TEACHER_STEPS (3000), STUDY_STEPS (400), JOBS (9), FID (outputs/fidelity/small_wan), RESULTS, DEADLINE, BUNDLE,
+# PACK_TO (a folder: the fitted teacher packed there in <= 15 MiB files that a lent machine can send back) and
+# TEACHER_PACK (such a folder, carried in: the teacher is restored from it instead of fitted again).
 #
 #   bash benchmarks/fidelity/gpu_study.sh [all|teacher|study] [run_study.py arguments]
 #
@@ -35,11 +37,24 @@ left() {  # seconds of the deadline still to spend (a large number without one)
 }
 
 if [ "$STAGE" != study ]; then
+  if [ -n "${TEACHER_PACK:-}" ] && [ ! -f "$FID/teacher/qvgen_complete" ]; then
+    # a teacher fitted earlier and carried back in (teacher_pack.py): no second fit
+    restored="$FID/teacher_restored.$$"
+    python benchmarks/fidelity/teacher_pack.py unpack --src "$TEACHER_PACK" --out "$restored" &&
+      python tools/convert/diffusers_to_megatron.py --src "$restored" --dst "$FID/teacher" --no-progress || exit 2
+  fi
   # fit_teacher.sh reads STEPS as the teacher's steps: TEACHER_STEPS here, never the study's
   env -u STEPS ${TEACHER_STEPS:+STEPS=$TEACHER_STEPS} OUT="$FID" timeout "$(left)" \
     bash benchmarks/fidelity/fit_teacher.sh "$SCALE"
   rc=$?
   [ $rc -eq 124 ] && echo "teacher fit stopped at the deadline: the same command continues it" >&2
+  if [ $rc -eq 0 ] && [ -n "${PACK_TO:-}" ] && [ ! -f "$PACK_TO/teacher_pack.json" ]; then
+    # the teacher in files small enough to come back from a lent machine (teacher_pack.py)
+    [ -d "$FID/teacher_diffusers" ] ||
+      python tools/convert/megatron_to_diffusers.py --src "$FID/teacher" --dst "$FID/teacher_diffusers" --no-progress
+    python benchmarks/fidelity/teacher_pack.py pack --src "$FID/teacher_diffusers" --out "$PACK_TO" ||
+      echo "the teacher could not be packed: it stays on this machine only" >&2
+  fi
 fi
 if [ "$STAGE" != teacher ] && [ $rc -eq 0 ]; then
   if [ ! -f "$FID/teacher/qvgen_complete" ]; then

@@ -53,9 +53,12 @@ def run_all(args, rest):
     out = Path(args.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     queue = []
+    # seed inside bits, method innermost: a study stopped by its deadline has every method at the seeds it reached
     for bits in args.bits:
-        for method in args.methods:
-            for seed in (args.seeds[:1] if method == "ptq" else args.seeds):  # PTQ has no randomness
+        for seed in args.seeds:
+            for method in args.methods:
+                if method == "ptq" and seed != args.seeds[0]:   # PTQ has no randomness: one run
+                    continue
                 path = out / "runs" / f"{bits}_{method}_s{seed}.json"
                 if path.exists():
                     continue

@@ -1,6 +1,7 @@
 # Sourced at the start of a device run: carried wheels (megatron-core, diffusers) into /tmp/site and our two
 # import packages on PYTHONPATH (qvgen_kernels lives in kernels/qvgen_kernels/). The GPU image has torch/triton.
 set -e
+command -v python >/dev/null || ln -sf "$(command -v python3)" /usr/local/bin/python   # the image has python3 only
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/megatron_core-*.whl .whl/diffusers-*.whl .whl/importlib_metadata-*.whl .whl/braceexpand-*.whl
 export PYTHONPATH=/tmp/site:$PWD/kernels:$PWD
 export CUDA_DEVICE_MAX_CONNECTIONS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Optional, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 from megatron_qvgen.config.errors import ConfigError
 
@@ -124,6 +124,16 @@ class CogVideoXConfig:
 
 ModelConfig = Union[WanConfig, CogVideoXConfig]
 MODEL_CONFIGS = {"wan": WanConfig, "cogvideox": CogVideoXConfig}
+
+
+def architecture_differences(stored: ModelConfig, wanted: ModelConfig) -> Dict[str, tuple]:
+    """Fields in which two configs build different weights, as name -> (stored, wanted). A Wan model's text_len
+    (how many text tokens the encoder pads to) shapes no weight and is not in diffusers' config, so a checkpoint
+    converted from diffusers, which records the default 512, serves a recipe that pads to 32."""
+    if stored.arch != wanted.arch:
+        return {"arch": (stored.arch, wanted.arch)}
+    a, b = stored.diffusers_kwargs(), wanted.diffusers_kwargs()
+    return {k: (a.get(k), v) for k, v in b.items() if a.get(k) != v}
 
 
 def model_config_from_dict(arch: str, values: dict) -> ModelConfig:

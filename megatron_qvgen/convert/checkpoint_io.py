@@ -23,7 +23,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 
 from megatron_qvgen.config import ConfigError, ModelConfig
-from megatron_qvgen.config.model import model_config_from_dict
+from megatron_qvgen.config.model import architecture_differences, model_config_from_dict
 from megatron_qvgen.convert.atomic_folder import new_folder
 from megatron_qvgen.convert.errors import ConversionError
 from megatron_qvgen.dist_ckpt import (COMPLETE_MARKER, CheckpointError, load_common, load_sharded,
@@ -177,11 +177,10 @@ def load_model(model_chunks: List[torch.nn.Module], ckpt_dir: str | os.PathLike,
     """
     check_dist_checkpoint(ckpt_dir)
     if model_cfg is not None:
-        stored = read_model_config(ckpt_dir)
-        if stored != model_cfg:
-            ours, theirs = dataclasses.asdict(model_cfg), dataclasses.asdict(stored)
-            diffs = ", ".join(f"{k}: checkpoint {theirs.get(k)!r}, model {v!r}" for k, v in ours.items()
-                              if theirs.get(k) != v)
+        differences = architecture_differences(read_model_config(ckpt_dir), model_cfg)
+        if differences:
+            diffs = ", ".join(f"{k}: checkpoint {theirs!r}, model {ours!r}"
+                              for k, (theirs, ours) in differences.items())
             raise ConversionError(f"{ckpt_dir}: checkpoint holds a different model ({diffs})")
     state = _chunks_state(model_chunks)
     if partial:

@@ -142,6 +142,7 @@ def _build(cfg: ExperimentConfig, spec: str, quant=None) -> torch.nn.Module:
 
 def load_teacher(path: str, cfg: ExperimentConfig) -> MegatronDenoiser:
     """The full-precision model at TP = 1; its recorded model config must be the run's."""
+    from megatron_qvgen.config.model import architecture_differences
     from megatron_qvgen.convert.checkpoint_io import CONTENT_KEY, load_model, read_model_config
     from megatron_qvgen.convert.errors import ConversionError
     from megatron_qvgen.dist_ckpt import CheckpointError, load_common
@@ -150,9 +151,10 @@ def load_teacher(path: str, cfg: ExperimentConfig) -> MegatronDenoiser:
         raise EvaluationError(f"teacher {path}: no such checkpoint folder")
     try:
         recorded = CONTENT_KEY in (load_common(path) or {})
-        if recorded and read_model_config(path) != cfg.model:
-            raise EvaluationError(f"teacher {path} holds another model than the run's config "
-                                  f"({read_model_config(path)} vs {cfg.model})")
+        differences = architecture_differences(read_model_config(path), cfg.model) if recorded else {}
+        if differences:
+            diffs = ", ".join(f"{k} {theirs!r} vs {ours!r}" for k, (theirs, ours) in differences.items())
+            raise EvaluationError(f"teacher {path} holds another model than the run's config ({diffs})")
         model = _build(cfg, "bf16")
         load_model([model], path, cfg.model if recorded else None)
     except (CheckpointError, ConversionError) as exc:
