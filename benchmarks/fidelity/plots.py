@@ -1,5 +1,6 @@
 """Tables and plots of the fidelity study from its per-run records (run_study.py writes them)."""
 import math
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 from statistics import mean, pstdev
@@ -98,7 +99,7 @@ def write_plots(runs, folder: Path):
             for r in groups[(bits, m)]:
                 ax.plot(i, r["fidelity"]["rel_l2"], "k.", ms=4)
         ax.set_xticks(range(len(methods)))
-        ax.set_xticklabels([LABELS[m].replace(", ", "\n") for m in methods], fontsize=7)
+        ax.set_xticklabels([textwrap.fill(LABELS[m], 13) for m in methods], fontsize=7)
         ax.set_ylabel("sampled rel. L2 vs teacher (lower is better)")
         ax.set_title(bits.upper())
     fig.tight_layout()
