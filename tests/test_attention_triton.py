@@ -104,6 +104,32 @@ def test_fused_rms_norm_and_rope_match_torch():
     assert cosine(got, attention_float64(qp, kp, v)) >= 0.999
 
 
+def test_head_parallel_passes_with_rms_norm_and_rope_match_the_torch_codes():
+    """Wan's prep (RMSNorm across all 3 heads of a token, then RoPE) fused into the Q/K passes, which run one program
+    per head and read the token's rstd from a pass of its own: the codes and scales of the torch reference on the
+    torch-normalized and rotated Q/K, for inputs that are strided views of a wider projection as in the runtime."""
+    B, S, H, D = 2, 45, 3, 64
+    q, k, v = (t * 3 for t in qkv(B, S, S, H, D, seed=31))
+    wide = torch.cat([q.flatten(2), k.flatten(2)], dim=-1).to(DEVICE)                 # [B, S, 2 * H * D]
+    qv, kv = wide[..., :H * D].unflatten(-1, (H, D)), wide[..., H * D:].unflatten(-1, (H, D))
+    gen = torch.Generator().manual_seed(32)
+    wq, wk = ((1 + 0.3 * torch.randn(H * D, generator=gen)).to(DEVICE) for _ in range(2))
+    cos, sin = (t.to(DEVICE) for t in _rope_tables(S, D, 33))
+    qp, kp = _wan_prep(qv, wq, cos, sin), _wan_prep(kv, wk, cos, sin)
+    ref = quantize_qk_torch(qp, kp, v.to(DEVICE), 32)
+    perm = _even_first(D).to(DEVICE)
+    q_codes, q_scale = quantize_q(qv, QKPrep("rms_row", wq, cos=cos, sin=sin))
+    k_codes, k_scale, mean = quantize_k(kv, 32, QKPrep("rms_row", wk, cos=cos, sin=sin))
+    dq, dk = (q_codes.float() - ref[0][..., perm]).abs(), (k_codes.float() - ref[2][..., perm]).abs()
+    if DEVICE == "cpu":     # the interpreter's sums round as torch's here: every code equal
+        assert dq.max() == 0 and dk.max() == 0
+    else:                   # a GPU's rstd and mean may differ in a last float32 bit: a rare code one off
+        assert dq.max() <= 1 and dk.max() <= 1 and (dq > 0).float().mean() <= 1e-3
+    assert torch.allclose(q_scale, ref[1], rtol=1e-6) and torch.allclose(k_scale, ref[3], rtol=1e-6)
+    assert torch.allclose(mean, kp.float().mean(1)[..., perm], atol=1e-6)
+    assert (q_codes.float().abs().amax(-1) == 127).all()          # every token and head uses its full range
+
+
 def test_fused_head_layer_norm_and_partial_rope_match_torch():
     """CogVideoX: LayerNorm over each head (weight and bias), RoPE on the video tokens after the text."""
     B, S, H, D, text = 1, 40, 2, 64, 8

@@ -20,7 +20,7 @@ if not torch.cuda.is_available() and not interpreter_active():
 diffusers = pytest.importorskip("diffusers")
 from diffusers import CogVideoXTransformer3DModel, WanTransformer3DModel  # noqa: E402
 
-from qvgen_kernels import cogvideox_model, norm_quant_triton, wan_model  # noqa: E402
+from qvgen_kernels import attention_triton, cogvideox_model, norm_quant_triton, wan_model  # noqa: E402
 from qvgen_kernels.cogvideox_model import CogVideoXRuntimeTransformer  # noqa: E402
 from qvgen_kernels.linear import QuantizedLinear  # noqa: E402
 from qvgen_kernels.wan_model import WanRuntimeTransformer  # noqa: E402
@@ -70,7 +70,14 @@ def test_fused_attention_path_matches_the_torch_path(family, monkeypatch):
         module = cogvideox_model
         x, text = torch.randn(2, 2, 4, 8, 8, generator=gen).to(DEVICE), torch.randn(2, 8, 16, generator=gen).to(DEVICE)
         call = lambda m: m(x, text, t, return_dict=False)[0]            # noqa: E731
+    keys = []                       # key lengths the Triton kernel sees: self / joint attention only
+    real = attention_triton.quantized_attention_triton
+    monkeypatch.setattr(attention_triton, "quantized_attention_triton",
+                        lambda q, k, *a, **kw: keys.append(k.shape[1]) or real(q, k, *a, **kw))
     out = _outputs(model, call, module, monkeypatch)
+    # a block's int8 call, fused and with the prep in torch ops: never with Wan's 7 text keys (SDPA there)
+    tokens = 3 * 4 * 4 if family == "wan" else 8 + 2 * 4 * 4
+    assert keys == [tokens] * (2 * model.config.num_layers)
     assert max_rel_diff(out["triton"], out["torch"]) <= 2e-2
     assert 0 < max_rel_diff(out["triton"], out["bf16"]) <= 5e-2
 

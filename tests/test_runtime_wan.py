@@ -138,7 +138,8 @@ def _sample(runtime, steps=3, seed=0):
 def test_serves_as_wan_pipeline_transformer(tmp_path, attention):
     _export_tiny(_diffusers_model(), tmp_path)
     runtime = WanRuntimeTransformer.from_export(tmp_path, attention=attention)
-    assert runtime.blocks[1].attn2.attention_mode == attention
+    assert runtime.blocks[1].attn1.attention_mode == attention
+    assert runtime.blocks[1].attn2.attention_mode == "bf16"          # cross-attention: SDPA either way
     seen = []
     runtime.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["timestep"].clone()), with_kwargs=True)
     recorded_groups = []
@@ -149,6 +150,31 @@ def test_serves_as_wan_pipeline_transformer(tmp_path, attention):
     assert len(seen) == 6                                       # 3 steps x (cond, uncond)
     for t, groups in zip(seen, recorded_groups):
         assert torch.equal(groups.cpu(), codes.timestep_group(t.cpu(), GROUPS))
+
+
+def test_int8_attention_keeps_the_cross_attention_in_bf16(monkeypatch):
+    """Under attention="int8" only the self-attention is quantized: the queries' attention to the 7 text keys runs
+    SDPA (``attention.cross_attention_mode``), unless ``cross_attention`` asks for int8 too."""
+    from qvgen_kernels import wan_model
+    model = _diffusers_model()
+    runtime = WanRuntimeTransformer.from_state_dict(model.config, model.state_dict(), dtype=torch.float32)
+    calls = []
+    real = wan_model.attention
+    monkeypatch.setattr(wan_model, "attention", lambda q, k, v, mode: calls.append((k.shape[1], mode)) or
+                        real(q, k, v, mode))
+    outputs = {}
+    for key, args, (self_mode, cross_mode) in (("int8", ("int8",), ("int8", "bf16")),
+                                                ("both", ("int8", "int8"), ("int8", "int8")),
+                                                ("bf16", ("bf16",), ("bf16", "bf16"))):
+        calls.clear()
+        with torch.no_grad():
+            outputs[key] = runtime.set_attention(*args)(**_inputs(), return_dict=False)[0]
+        # per block: self-attention over 3 x 2 x 2 = 12 tokens, then cross-attention to the 7 text tokens
+        assert calls == [(12, self_mode), (7, cross_mode)] * TINY["num_layers"], key
+    assert outputs["int8"].shape == (2, 4, 3, 4, 4)
+    assert (outputs["int8"] - outputs["both"]).abs().max() > 0 and (outputs["int8"] - outputs["bf16"]).abs().max() > 0
+    with pytest.raises(ValueError, match="attention must be one of"):
+        runtime.set_attention("int8", cross_attention="fp4")
 
 
 def _rel_l2(a, b) -> float:

@@ -5,11 +5,12 @@ Real configs with random weights (480p x 81 frames: 21 x 30 x 52 = 32,760 Wan to
 - diffusers bf16 eager; diffusers with ``compile_repeated_blocks`` (torch.compile); diffusers with fp8 row-wise
   dynamic linears (``torch._scaled_mm``, eager quantization);
 - ours (W4A4 export format, random codes): bf16 attention (SDPA), unfused (the runtime's default today); int8
-  attention with the fused norm/quantization/epilogue kernels; the same + CUDA graph.
+  self-attention (Wan's cross-attention to the text stays SDPA: ``attention.cross_attention_mode``) with the fused
+  norm/quantization/epilogue kernels; the same + CUDA graph.
 Every column reports median ms of CUDA-event-timed forwards, peak allocated memory and weight bytes. Wan-14B is
 timed on ``--wan14b-blocks`` of its 40 blocks and scaled by 40 / blocks (the embeddings and head are counted
 that many times too: a slight overestimate for every column alike). Also: attention alone against SDPA (ours with
-and without its quantization passes, and a tile sweep), a quality row (final latent after a 20-step flow-matching
+and without its quantization passes, the Q/K passes alone with Wan's RMSNorm + RoPE, and a tile sweep), a quality row (final latent after a 20-step flow-matching
 loop, int8 vs bf16 attention, on the Wan-1.3B-width W4A4 model), and a profile of what is left.
 
     python benchmarks/runtime/bench_runtime.py --out DIR [--budget-s 420] [--sections attention,wan1.3b,...]
@@ -164,7 +165,8 @@ def bench_model(name: str, spec: dict, out: dict, budget: float, reps: int, save
 
 
 def bench_attention(out: dict, tiny: bool, save):
-    from qvgen_kernels.attention_triton import AttentionConfig, attention_from_codes, quantize_qkv
+    from qvgen_kernels.attention_triton import (AttentionConfig, attention_from_codes, default_config, quantize_k,
+                                                quantize_q, quantize_qkv)
     from triton.testing import do_bench
     shapes = [("wan1.3b_self", 32760, 32760, 12, 128), ("wan14b_self", 32760, 32760, 40, 128),
               ("wan14b_cross", 32760, 512, 40, 128), ("wan14b_720p_self", 75600, 75600, 40, 128),
@@ -176,7 +178,7 @@ def bench_attention(out: dict, tiny: bool, save):
               64: [(128, 128, 8, 3), (128, 128, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3)]}
     sweep_shapes = [1, 4]     # wan14b_self (d = 128), cogvideox2b_joint (d = 64)
     if tiny:
-        shapes = [("tiny", 100, 100, 2, 64), ("tiny_cross", 100, 20, 2, 64)]
+        shapes = [("wan_tiny_self", 100, 100, 2, 64), ("wan_tiny_cross", 100, 20, 2, 64)]
         sweeps = {64: [(32, 32, 4, 2), (32, 16, 4, 2)]}
         sweep_shapes = [0]
     bench = (lambda f: do_bench(f, warmup=3, rep=100, return_mode="median")) if DEVICE == "cuda" else \
@@ -197,12 +199,16 @@ def bench_attention(out: dict, tiny: bool, save):
             row["tflops_sdpa"] = row["flop"] / row["sdpa_ms"] / 1e9
             row["tops_ours_kernel"] = row["flop"] / row["ours_kernel_ms"] / 1e9
             row.update(attention_quality(q, k, v, attention_from_codes(qkv, o).clone()))
+            if name.startswith("wan") and SQ == SK:      # Wan's self-attention prep: the rstd pass + per-head passes
+                qp, kp = wan_preps(SQ, H, D)
+                row["qk_passes_wan_prep_ms"] = bench(lambda: (quantize_q(q, qp),
+                                                              quantize_k(k, default_config(D).block_n, kp)))
         except Exception as e:
             row["error"] = repr(e)[:400]
         res[name] = row
         print("attention", name, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
         save()
-        del q, k, v
+        q = k = v = None        # frees them (not ``del``: pyflakes reads the lambdas above as using deleted names)
     for index in sweep_shapes:
         name, SQ, SK, H, D = shapes[index]
         gen = torch.Generator(device=DEVICE).manual_seed(0)
@@ -218,7 +224,17 @@ def bench_attention(out: dict, tiny: bool, save):
         res["sweep_" + name] = sweep_res
         print("attention sweep", name, sweep_res, flush=True)
         save()
-        del q, k, v
+        q = k = v = None
+
+
+def wan_preps(S: int, H: int, D: int):
+    """QKPrep of Wan's q and k: RMSNorm across the heads (random weights) and random rotary tables."""
+    from qvgen_kernels.attention import QKPrep
+    gen = torch.Generator(device=DEVICE).manual_seed(S)
+    angles = torch.rand(S, D // 2, device=DEVICE, generator=gen) * 6.3
+    cos, sin = angles.cos().repeat_interleave(2, 1), angles.sin().repeat_interleave(2, 1)
+    return tuple(QKPrep("rms_row", 1 + 0.1 * torch.randn(H * D, device=DEVICE, generator=gen), cos=cos, sin=sin)
+                 for _ in range(2))
 
 
 def table(out: dict) -> str:
@@ -240,7 +256,9 @@ def table(out: dict) -> str:
         if isinstance(r, dict) and "sdpa_ms" in r and "ours_kernel_ms" in r:
             lines.append(f"attention {name}: SDPA {r['sdpa_ms']:.2f} ms, ours {r['ours_kernel_ms']:.2f} ms kernel / "
                          f"{r['ours_with_quant_ms']:.2f} ms with quantization ({r['speedup_with_quant']:.2f}x), "
-                         f"cosine vs SDPA {r.get('cosine_vs_sdpa', 0):.5f}")
+                         f"cosine vs SDPA {r.get('cosine_vs_sdpa', 0):.5f}"
+                         + (f", Q/K passes with Wan's norm + RoPE {r['qk_passes_wan_prep_ms']:.2f} ms"
+                            if "qk_passes_wan_prep_ms" in r else ""))
     return "\n".join(lines)
 
 

@@ -11,7 +11,8 @@ The quantized attention follows SageAttention2's recipe for Hopper, which keeps 
   each block's P V product is added into a separate fp32 accumulator (Hopper's fp8 MMA keeps fewer bits).
 
 :func:`quantized_attention_torch` is that math in torch ops, block by block like the kernel (CPU, tests);
-``attention_triton`` holds the Triton kernels. :func:`attention` picks one for a mode and a device.
+``attention_triton`` holds the Triton kernels. :func:`attention` picks one for a mode and a device;
+:func:`cross_attention_mode` keeps the attention to the text in bf16 (why: there).
 """
 from __future__ import annotations
 
@@ -46,6 +47,17 @@ def default_mode(device: torch.device | str) -> str:
     benchmarks/runtime/run_gpu.sh is recorded; until then ask for it with ``attention="int8"``."""
     torch.device(device)  # validates the argument
     return "bf16"
+
+
+def cross_attention_mode(mode: str, cross: Optional[str] = None) -> str:
+    """The attention of the video queries to the text keys (Wan's ``attn2``) in a model whose self-attention runs
+    ``mode``: ``cross`` if given, else bf16 SDPA in either mode. Measured on an H200 (2026-12-05, Wan-14B heads,
+    32,760 queries x 512 text keys; benchmarks/runtime/RESULTS.md): SDPA 0.65 ms, our int8 kernel 0.78 ms alone and
+    2.49 ms with its Q/K/V quantization (0.26x). With 4 key blocks the kernel is slower than SDPA before any
+    quantization pass is counted, so no faster pass makes int8 pay here; at 17k-76k keys (self-attention, CogVideoX's
+    joint attention) it was 1.09-1.18x SDPA with its passes."""
+    check_mode(mode)
+    return "bf16" if cross is None else check_mode(cross)
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,13 @@
 """Triton kernels of the quantized attention (the math and its torch twin: ``attention``).
 
-Three passes before the attention kernel, each one read of its input:
+Passes before the attention kernel, each one read of its input, one program per block of tokens and head:
 - Q: per token and head int8 codes; the runtime's q RMSNorm / LayerNorm and RoPE (``QKPrep``) are applied in the
   same pass, in float32, so the bf16 normalized and rotated Q is never written;
 - K: the same pre-processing twice: once for the per-block column sums (-> the mean over the sequence), once for
   the smoothed codes with one scale per block of ``block_n`` keys;
+- Wan's RMSNorm spans all heads of a token: its rstd comes from one small pass over Q (and one over K) first, so the
+  head programs need not each re-read the other heads (a pass that looped over the heads serially was 17 % of a
+  Wan-1.3B forward on an H200, 2026-12-05);
 - V: fp8 e4m3 codes with one scale per channel (from a torch amax over the sequence), written transposed
   ([D, S], sequence contiguous): Hopper's fp8 ``wgmma`` takes its B operand K-major only.
 Q and K channels are stored even ones first, odd ones second (the rotary pairs are loaded apart): a dot product
@@ -127,14 +130,38 @@ def _prep(xe, xo, rows, row_ok, h, rstd, nw_ptr, nb_ptr, cos_ptr, sin_ptr, rope_
 
 
 @triton.jit
-def _qk_pass_kernel(x_ptr, codes_ptr, scale_ptr, mean_ptr, colsum_ptr, nw_ptr, nb_ptr, cos_ptr, sin_ptr,
-                    S, stride_b, stride_s, stride_h, rope_start, eps, out_mult,
-                    H: tl.constexpr, D2: tl.constexpr, BLK: tl.constexpr, NORM: tl.constexpr,
-                    ROPE: tl.constexpr, MODE: tl.constexpr):
-    """MODE 0: Q codes, one scale a token and head. MODE 1: K codes (mean subtracted), one scale a block of BLK
-    tokens. MODE 2: K column sums of the block (-> the mean). One program: BLK tokens of one sample, all heads."""
+def _rstd_kernel(x_ptr, rstd_ptr, S, stride_b, stride_s, stride_h, eps,
+                 H: tl.constexpr, D2: tl.constexpr, BLK: tl.constexpr):
+    """1 / RMS of each token over all its heads (``rms_row``), float32 [B, S]: the one statistic that needs every
+    head, computed once so the per-head passes can run in parallel. The tiles, the head order of the sum and the
+    launch shape are the ones the quantization pass used when it looped over the heads itself: the same float32
+    sums, so the codes did not change by a bit."""
     pid = tl.program_id(0)
     b = tl.program_id(1)
+    rows = pid * BLK + tl.arange(0, BLK)
+    row_ok = rows < S
+    rows = tl.where(row_ok, rows, 0).to(tl.int64)
+    xb = x_ptr + b.to(tl.int64) * stride_b
+    ss = tl.zeros([BLK], tl.float32)
+    for h in range(H):
+        xe, xo = _load_pairs(xb, rows, row_ok, stride_s, h * stride_h, D2)
+        ss += tl.sum(xe * xe, 1) + tl.sum(xo * xo, 1)
+    rstd = 1.0 / tl.sqrt(ss / (H * 2 * D2) + eps)
+    tl.store(rstd_ptr + b.to(tl.int64) * S + rows, rstd, mask=row_ok)
+
+
+@triton.jit
+def _qk_pass_kernel(x_ptr, codes_ptr, scale_ptr, mean_ptr, colsum_ptr, rstd_ptr, nw_ptr, nb_ptr, cos_ptr, sin_ptr,
+                    S, stride_b, stride_s, stride_h, rope_start, eps, out_mult,
+                    D2: tl.constexpr, BLK: tl.constexpr, NORM: tl.constexpr, ROPE: tl.constexpr,
+                    MODE: tl.constexpr):
+    """MODE 0: Q codes, one scale a token and head. MODE 1: K codes (mean subtracted), one scale a block of BLK
+    tokens. MODE 2: K column sums of the block (-> the mean). One program: BLK tokens of one head of one sample;
+    grid (heads, blocks, batch), heads fastest, so the programs that run together read whole token rows."""
+    h = tl.program_id(0)
+    pid = tl.program_id(1)
+    b = tl.program_id(2)
+    H = tl.num_programs(0)
     rows = pid * BLK + tl.arange(0, BLK)
     row_ok = rows < S
     rows = tl.where(row_ok, rows, 0).to(tl.int64)
@@ -142,43 +169,37 @@ def _qk_pass_kernel(x_ptr, codes_ptr, scale_ptr, mean_ptr, colsum_ptr, nw_ptr, n
     j = tl.arange(0, D2)
     rstd = tl.zeros([BLK], tl.float32)
     if NORM == 1:
-        ss = tl.zeros([BLK], tl.float32)
-        for h in range(H):
-            xe, xo = _load_pairs(xb, rows, row_ok, stride_s, h * stride_h, D2)
-            ss += tl.sum(xe * xe, 1) + tl.sum(xo * xo, 1)
-        rstd = 1.0 / tl.sqrt(ss / (H * 2 * D2) + eps)
-    for h in range(H):
-        xe, xo = _load_pairs(xb, rows, row_ok, stride_s, h * stride_h, D2)
-        xe, xo = _prep(xe, xo, rows, row_ok, h, rstd, nw_ptr, nb_ptr, cos_ptr, sin_ptr, rope_start, eps,
-                       NORM, ROPE, D2)
-        bh = b * H + h
-        if MODE == 2:
-            xe = tl.where(row_ok[:, None], xe, 0.0)
-            xo = tl.where(row_ok[:, None], xo, 0.0)
-            base = colsum_ptr + ((pid * tl.num_programs(1) + b) * H + h).to(tl.int64) * (2 * D2)
-            tl.store(base + j, tl.sum(xe, 0))
-            tl.store(base + D2 + j, tl.sum(xo, 0))
+        rstd = tl.load(rstd_ptr + b.to(tl.int64) * S + rows, mask=row_ok, other=0.0)
+    xe, xo = _load_pairs(xb, rows, row_ok, stride_s, h * stride_h, D2)
+    xe, xo = _prep(xe, xo, rows, row_ok, h, rstd, nw_ptr, nb_ptr, cos_ptr, sin_ptr, rope_start, eps, NORM, ROPE, D2)
+    bh = b * H + h
+    if MODE == 2:
+        xe = tl.where(row_ok[:, None], xe, 0.0)
+        xo = tl.where(row_ok[:, None], xo, 0.0)
+        base = colsum_ptr + ((pid * tl.num_programs(2) + b) * H + h).to(tl.int64) * (2 * D2)
+        tl.store(base + j, tl.sum(xe, 0))
+        tl.store(base + D2 + j, tl.sum(xo, 0))
+    else:
+        if MODE == 1:
+            xe = tl.where(row_ok[:, None], xe - tl.load(mean_ptr + bh * 2 * D2 + j)[None, :], 0.0)
+            xo = tl.where(row_ok[:, None], xo - tl.load(mean_ptr + bh * 2 * D2 + D2 + j)[None, :], 0.0)
+            a = tl.maximum(tl.max(tl.max(tl.abs(xe), 1), 0), tl.max(tl.max(tl.abs(xo), 1), 0))
+            a = tl.maximum(a, 1e-12)
+            tl.store(scale_ptr + bh * tl.num_programs(1) + pid, a / 127.0)
+            inv = 127.0 / a
+            ce = round_half_even(xe * inv)
+            co = round_half_even(xo * inv)
         else:
-            if MODE == 1:
-                xe = tl.where(row_ok[:, None], xe - tl.load(mean_ptr + bh * 2 * D2 + j)[None, :], 0.0)
-                xo = tl.where(row_ok[:, None], xo - tl.load(mean_ptr + bh * 2 * D2 + D2 + j)[None, :], 0.0)
-                a = tl.maximum(tl.max(tl.max(tl.abs(xe), 1), 0), tl.max(tl.max(tl.abs(xo), 1), 0))
-                a = tl.maximum(a, 1e-12)
-                tl.store(scale_ptr + bh * tl.num_programs(0) + pid, a / 127.0)
-                inv = 127.0 / a
-                ce = round_half_even(xe * inv)
-                co = round_half_even(xo * inv)
-            else:
-                a = tl.maximum(tl.maximum(tl.max(tl.abs(xe), 1), tl.max(tl.abs(xo), 1)), 1e-12)
-                tl.store(scale_ptr + bh.to(tl.int64) * S + rows, a / 127.0 * out_mult, mask=row_ok)
-                inv = 127.0 / a
-                ce = round_half_even(xe * inv[:, None])
-                co = round_half_even(xo * inv[:, None])
-            ce = tl.minimum(tl.maximum(ce, -127.0), 127.0).to(tl.int8)
-            co = tl.minimum(tl.maximum(co, -127.0), 127.0).to(tl.int8)
-            out = codes_ptr + (bh.to(tl.int64) * S + rows)[:, None] * (2 * D2)
-            tl.store(out + j[None, :], ce, mask=row_ok[:, None])
-            tl.store(out + D2 + j[None, :], co, mask=row_ok[:, None])
+            a = tl.maximum(tl.maximum(tl.max(tl.abs(xe), 1), tl.max(tl.abs(xo), 1)), 1e-12)
+            tl.store(scale_ptr + bh.to(tl.int64) * S + rows, a / 127.0 * out_mult, mask=row_ok)
+            inv = 127.0 / a
+            ce = round_half_even(xe * inv[:, None])
+            co = round_half_even(xo * inv[:, None])
+        ce = tl.minimum(tl.maximum(ce, -127.0), 127.0).to(tl.int8)
+        co = tl.minimum(tl.maximum(co, -127.0), 127.0).to(tl.int8)
+        out = codes_ptr + (bh.to(tl.int64) * S + rows)[:, None] * (2 * D2)
+        tl.store(out + j[None, :], ce, mask=row_ok[:, None])
+        tl.store(out + D2 + j[None, :], co, mask=row_ok[:, None])
 
 
 def _prep_args(x: torch.Tensor, prep: Optional[QKPrep]):
@@ -210,6 +231,18 @@ def _check_layout(x: torch.Tensor, name: str):
                          f"got shape {tuple(x.shape)} strides {x.stride()}")
 
 
+def _token_rstd(x: torch.Tensor, norm: int, eps: float, blk: int, num_warps: int) -> torch.Tensor:
+    """The per-token rstd of the ``rms_row`` norm [B, S] (``_rstd_kernel``), a dummy for the other norms. ``blk`` and
+    ``num_warps``: those of the quantization pass that reads it (see the kernel)."""
+    if norm != _NORM_CODES["rms_row"]:
+        return x.new_empty(1, dtype=torch.float32)
+    B, S, H, D = x.shape
+    rstd = torch.empty(B, S, dtype=torch.float32, device=x.device)
+    _rstd_kernel[(triton.cdiv(S, blk), B)](x, rstd, S, x.stride(0), x.stride(1), x.stride(2), eps, H=H, D2=D // 2,
+                                           BLK=blk, num_warps=num_warps, **_NO_FMA)
+    return rstd
+
+
 def quantize_q(q: torch.Tensor, prep: Optional[QKPrep] = None):
     """Q [B, S, H, D] -> int8 codes [B, H, S, D] (channels even-first) and float32 scales [B, H, S] that include
     the softmax scale and log2(e)."""
@@ -218,10 +251,10 @@ def quantize_q(q: torch.Tensor, prep: Optional[QKPrep] = None):
     codes = torch.empty(B, H, S, D, dtype=torch.int8, device=q.device)
     scale = torch.empty(B, H, S, dtype=torch.float32, device=q.device)
     (nw, nb, cos, sin, start, eps), norm, rope = _prep_args(q, prep)
-    _qk_pass_kernel[(triton.cdiv(S, _QUANT_ROWS), B)](
-        q, codes, scale, scale, scale, nw, nb, cos, sin, S, q.stride(0), q.stride(1), q.stride(2), start, eps,
-        D ** -0.5 * LOG2E, H=H, D2=D // 2, BLK=_QUANT_ROWS, NORM=norm, ROPE=rope, MODE=0, num_warps=4,
-        **_NO_FMA)
+    rstd = _token_rstd(q, norm, eps, _QUANT_ROWS, 4)
+    _qk_pass_kernel[(H, triton.cdiv(S, _QUANT_ROWS), B)](
+        q, codes, scale, scale, scale, rstd, nw, nb, cos, sin, S, q.stride(0), q.stride(1), q.stride(2), start, eps,
+        D ** -0.5 * LOG2E, D2=D // 2, BLK=_QUANT_ROWS, NORM=norm, ROPE=rope, MODE=0, num_warps=4, **_NO_FMA)
     return codes, scale
 
 
@@ -232,14 +265,17 @@ def quantize_k(k: torch.Tensor, block_n: int, prep: Optional[QKPrep] = None):
     B, S, H, D = k.shape
     blocks = triton.cdiv(S, block_n)
     (nw, nb, cos, sin, start, eps), norm, rope = _prep_args(k, prep)
+    warps = 4 if block_n <= 64 else 8
+    rstd = _token_rstd(k, norm, eps, block_n, warps)       # once for both passes
     colsum = torch.empty(blocks, B, H, D, dtype=torch.float32, device=k.device)
-    args = (nw, nb, cos, sin, S, k.stride(0), k.stride(1), k.stride(2), start, eps, 1.0)
-    meta = dict(H=H, D2=D // 2, BLK=block_n, NORM=norm, ROPE=rope, num_warps=4 if block_n <= 64 else 8, **_NO_FMA)
-    _qk_pass_kernel[(blocks, B)](k, colsum, colsum, colsum, colsum, *args, MODE=2, **meta)
+    args = (rstd, nw, nb, cos, sin, S, k.stride(0), k.stride(1), k.stride(2), start, eps, 1.0)
+    meta = dict(D2=D // 2, BLK=block_n, NORM=norm, ROPE=rope, num_warps=warps, **_NO_FMA)
+    grid = (H, blocks, B)
+    _qk_pass_kernel[grid](k, colsum, colsum, colsum, colsum, *args, MODE=2, **meta)
     mean = (colsum.sum(0) / S).contiguous()
     codes = torch.empty(B, H, S, D, dtype=torch.int8, device=k.device)
     scale = torch.empty(B, H, blocks, dtype=torch.float32, device=k.device)
-    _qk_pass_kernel[(blocks, B)](k, codes, scale, mean, colsum, *args, MODE=1, **meta)
+    _qk_pass_kernel[grid](k, codes, scale, mean, colsum, *args, MODE=1, **meta)
     return codes, scale, mean
 
 

@@ -150,6 +150,8 @@ def _gated(update: torch.Tensor, gates, text_len: int) -> torch.Tensor:
 class _Attention(nn.Module):
     """Joint self-attention with per-head q/k LayerNorm (one affine of head size) and RoPE on video tokens."""
 
+    cross_attention = False      # text and video tokens attend to all of them: the quantized kernel's case
+
     def __init__(self, prefix: str, cfg: RuntimeConfig, quant, dtype):
         super().__init__()
         self.heads, head_dim = cfg.num_attention_heads, cfg.attention_head_dim

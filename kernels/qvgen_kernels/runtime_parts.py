@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import check_mode, default_mode
+from .attention import cross_attention_mode, default_mode
 from .cuda_graph import GraphedCall
 from .format import ExportFormatError, QuantizationConfig, load_export
 from .linear import QuantizedLinear
@@ -107,12 +107,15 @@ class RuntimeTransformer(nn.Module):
     # ------------------------------------------------------------------ loading
     attention_mode = "bf16"
 
-    def set_attention(self, mode: str) -> "RuntimeTransformer":
-        """``"bf16"`` (SDPA, diffusers' math) or ``"int8"`` (quantized attention, ``attention``) in every block."""
-        check_mode(mode)
+    def set_attention(self, mode: str, cross_attention: Optional[str] = None) -> "RuntimeTransformer":
+        """``"bf16"`` (SDPA, diffusers' math) or ``"int8"`` (quantized attention, ``attention``) in every block's
+        self-attention (CogVideoX: its joint attention). Attention modules with ``cross_attention`` set (Wan's
+        ``attn2``, queries to the text) take ``attention.cross_attention_mode(mode, cross_attention)``: bf16 SDPA
+        unless ``cross_attention`` asks otherwise (its docstring holds the measurement)."""
+        cross = cross_attention_mode(mode, cross_attention)
         for module in self.modules():
             if hasattr(module, "attention_mode"):
-                module.attention_mode = mode
+                module.attention_mode = cross if getattr(module, "cross_attention", False) else mode
         return self
 
     def set_fusion(self, enabled: bool = True) -> "RuntimeTransformer":
@@ -135,7 +138,8 @@ class RuntimeTransformer(nn.Module):
 
     @classmethod
     def from_export(cls, folder: os.PathLike, device: torch.device | str = "cpu", attention: Optional[str] = None):
-        """``attention``: ``"int8"`` or ``"bf16"``; None picks ``attention.default_mode(device)`` (bf16 until the int8 path is GPU-validated)."""
+        """``attention``: ``"int8"`` or ``"bf16"`` (``set_attention``: the cross-attention to the text stays bf16);
+        None picks ``attention.default_mode(device)`` (bf16 until the int8 path is GPU-validated)."""
         export = load_export(folder)
         declared = export.transformer_config.get("_class_name")
         if declared is not None and declared != cls.CLASS_NAME:

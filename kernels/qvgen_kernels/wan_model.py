@@ -53,9 +53,13 @@ def wan_config(config: Mapping) -> RuntimeConfig:
 
 
 class _Attention(nn.Module):
-    def __init__(self, prefix: str, dim: int, heads: int, eps: float, quant, dtype):
+    """``attn1`` (self-attention, RoPE) or ``attn2`` (``cross_attention``: queries to the text embeddings, whose
+    mode ``RuntimeTransformer.set_attention`` picks apart: bf16 SDPA under ``"int8"`` too)."""
+
+    def __init__(self, prefix: str, dim: int, heads: int, eps: float, quant, dtype, cross_attention: bool = False):
         super().__init__()
         self.heads = heads
+        self.cross_attention = cross_attention
         self.to_q = runtime_linear(f"{prefix}.to_q", dim, dim, quant, dtype)
         self.to_k = runtime_linear(f"{prefix}.to_k", dim, dim, quant, dtype)
         self.to_v = runtime_linear(f"{prefix}.to_v", dim, dim, quant, dtype)
@@ -110,7 +114,8 @@ class _Block(nn.Module):
         dim = cfg.num_attention_heads * cfg.attention_head_dim
         self.eps = cfg.eps
         self.attn1 = _Attention(f"{prefix}.attn1", dim, cfg.num_attention_heads, cfg.eps, quant, dtype)
-        self.attn2 = _Attention(f"{prefix}.attn2", dim, cfg.num_attention_heads, cfg.eps, quant, dtype)
+        self.attn2 = _Attention(f"{prefix}.attn2", dim, cfg.num_attention_heads, cfg.eps, quant, dtype,
+                                cross_attention=True)
         self.norm2 = nn.LayerNorm(dim, cfg.eps, dtype=dtype) if cfg.cross_attn_norm else None
         self.ffn = _FeedForward(f"{prefix}.ffn", dim, cfg.ffn_dim, quant, dtype)
         self.scale_shift_table = nn.Parameter(torch.zeros(1, 6, dim, dtype=dtype))
