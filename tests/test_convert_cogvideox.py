@@ -1,8 +1,6 @@
 """CogVideoX conversion: CLIs end to end, parameter counts of the real recipes, and clear errors for bad input."""
 import dataclasses
-import importlib.util
 import json
-import os
 import shutil
 
 import pytest
@@ -12,6 +10,7 @@ from safetensors.torch import load_file, save_file
 from megatron_qvgen.config import CogVideoXConfig
 from megatron_qvgen.convert.errors import ConversionError
 from multiproc import run_distributed
+from scripts import load_script
 from test_convert_wan import _param_counts
 
 TINY = CogVideoXConfig(num_attention_heads=4, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=8,
@@ -31,11 +30,7 @@ def tiny_diffusers(tmp_path_factory):
 
 
 def _cli(name):
-    path = os.path.join(os.path.dirname(__file__), "..", "tools", "convert", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"cli_cogvideox_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return load_script(f"tools/convert/{name}.py").main
 
 
 def _copy(src, tmp_path, name):

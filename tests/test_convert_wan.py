@@ -12,6 +12,7 @@ from megatron_qvgen.config import ParallelConfig, WanConfig
 from megatron_qvgen.convert.errors import ConversionError
 from megatron_qvgen.dist_ckpt import CheckpointError
 from multiproc import run_distributed
+from scripts import load_script
 
 TINY = WanConfig(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
                  text_dim=12, freq_dim=16, ffn_dim=24, num_layers=2, rope_max_seq_len=64)
@@ -36,14 +37,8 @@ def _copy(src, tmp_path, name="copy"):
 
 def test_clis_round_trip_and_verify(tiny_diffusers, tmp_path, capsys):
     """The three CLIs on a pipeline-style folder (transformer/ inside), sharded safetensors on the way back."""
-    import importlib.util
-
     def cli(name):
-        path = os.path.join(os.path.dirname(__file__), "..", "tools", "convert", f"{name}.py")
-        spec = importlib.util.spec_from_file_location(f"cli_{name}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module.main
+        return load_script(f"tools/convert/{name}.py").main
 
     pipeline = tmp_path / "pipeline"
     shutil.copytree(tiny_diffusers, pipeline / "transformer")
@@ -212,11 +207,6 @@ def test_bad_megatron_checkpoints_are_named(tiny_diffusers, tmp_path):
 
 
 def test_cli_reports_errors_without_traceback(tmp_path, capsys):
-    import importlib.util
-
-    path = os.path.join(os.path.dirname(__file__), "..", "tools", "convert", "megatron_to_diffusers.py")
-    spec = importlib.util.spec_from_file_location("cli_m2d", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("tools/convert/megatron_to_diffusers.py")
     assert module.main(["--src", str(tmp_path / "missing"), "--dst", str(tmp_path / "out")]) == 1
     assert "error:" in capsys.readouterr().err

@@ -11,6 +11,7 @@ from numerics import max_rel_diff
 from export_checks import compare_codes, load_student, runtime_outputs, student_outputs
 from test_trainer import _save_teacher, _train, tiny_cfg
 from qvgen_kernels.format import load_export
+from scripts import load_script
 
 
 @pytest.fixture(scope="module")
@@ -75,13 +76,7 @@ def test_live_auxiliary_module_is_refused_unless_kept(trained, tmp_path):
 
 
 def _tool(name):
-    import importlib.util
-
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "convert", name + ".py")
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"tools/convert/{name}.py")
 
 
 def test_export_cli_keeps_the_users_umask_and_asks_for_overwrite(trained, tmp_path, capsys):

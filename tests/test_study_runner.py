@@ -1,19 +1,15 @@
 """benchmarks/fidelity/run_study.py under a deadline: the lent GPU runs a command for at most ten minutes, so the
 study must stop cleanly inside a call and continue in the next one. Real processes (sleeping Python runs that
 write their record as a study run does, at the end)."""
-import importlib.util
 import sys
 import time
 from pathlib import Path
+from scripts import load_script
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _runner():
-    spec = importlib.util.spec_from_file_location("run_study", ROOT / "benchmarks/fidelity/run_study.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/fidelity/run_study.py")
 
 
 def _queue(folder: Path, seconds):

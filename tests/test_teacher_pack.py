@@ -1,21 +1,17 @@
 """Moving a teacher through the lent GPU's small-file limit (benchmarks/fidelity/teacher_pack.py), and the
 architecture check that lets a diffusers-converted teacher serve a recipe with another text length."""
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from scripts import load_script
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("teacher_pack", ROOT / "benchmarks/fidelity/teacher_pack.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/fidelity/teacher_pack.py")
 
 
 def _folder(path: Path, dtype=torch.bfloat16) -> dict:
