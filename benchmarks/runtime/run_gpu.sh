@@ -1,7 +1,8 @@
 #!/bin/bash
 # One device call: the GPU tests of the attention / fused kernels and the runtime, then the whole runtime benchmark.
 # Everything lands under $OUT (at most 6 files). Usage, from the repository root (or a carried copy of the worktree,
-# with .whl carried for diffusers):  BUDGET=420 bash benchmarks/runtime/run_gpu.sh
+# with .whl carried for diffusers and sageattention):  BUDGET=420 bash benchmarks/runtime/run_gpu.sh
+# SKIP_TESTS=1 skips the tests (a second call for the sections the first one's budget skipped, via BENCH_ARGS).
 set -o pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
@@ -14,8 +15,16 @@ if [ -f .cache/triton_cache.tgz ]; then mkdir -p ~/.triton && tar xzf .cache/tri
 { nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem,power.draw --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee $OUT/env.txt
 
-timeout ${TEST_TIMEOUT:-170} python3 -m pytest --noconftest -p no:cacheprovider -q -rs -W ignore::pytest.PytestUnknownMarkWarning \
+[ -z "${SKIP_TESTS:-}" ] && timeout ${TEST_TIMEOUT:-170} python3 -m pytest --noconftest -p no:cacheprovider -q -rs -W ignore::pytest.PytestUnknownMarkWarning \
   tests/test_attention_triton.py tests/test_kernels_fused.py tests/test_runtime_attention.py 2>&1 | tee $OUT/gpu_tests.txt | tail -6
+
+# sageattention 1.0.6 (PyPI, Triton only) for the "diffusers + SageAttention" columns: installed after the tests,
+# into a folder of its own, so nothing else runs with it importable
+if ls .whl/sageattention-*.whl >/dev/null 2>&1 && ! python3 -c "import sageattention" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/sage \
+    .whl/sageattention-*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/sage
+fi
+python3 -c "import importlib.metadata as m; print('sageattention', m.version('sageattention'))" 2>&1 | tail -1 >> $OUT/env.txt
 
 # the lent GPU stops a command at 600 s: the benchmark gets what is left of CALL_LIMIT after the tests
 rest=$(( ${CALL_LIMIT:-570} - SECONDS )); budget=${BUDGET:-420}; [ $budget -gt $(( rest - 30 )) ] && budget=$(( rest - 30 ))
