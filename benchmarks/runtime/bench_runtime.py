@@ -41,7 +41,7 @@ from bench_attention import bench_attention, bench_sage_attention  # noqa: E402
 from bench_sampling import bench_sampling  # noqa: E402
 from bench_wan import breakdown, build  # noqa: E402
 from columns import COLUMNS, DEVICE, RUNTIMES, SAGE_COLUMNS, START, inputs, left, make, measure, sync  # noqa: E402
-from columns import unavailable  # noqa: E402
+from columns import add_speedups, run_columns  # noqa: E402
 from quality import flow_quality  # noqa: E402
 
 WAN_14B = dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824)
@@ -76,23 +76,9 @@ COMPILE_MIN_S = 150         # compile takes ~1 min, then the forwards
 
 def bench_model(name: str, spec: dict, out: dict, budget: float, reps: int, save, columns=COLUMNS):
     res = out.setdefault(name, {})
-    for column in columns:
-        need = COMPILE_MIN_S if column == "diffusers_compile" else spec.get("column_min_s", 20)
-        reason = unavailable(column) or (f"budget: {left(budget):.0f} s left, needs {need} s"
-                                         if left(budget) < need else None)
-        if reason:
-            res[column] = dict(skipped=reason)
-            continue
-        try:
-            res[column] = measure(column, spec, reps)
-        except Exception as e:      # keep the other columns
-            res[column] = dict(error=repr(e)[:400], trace=traceback.format_exc()[-1500:])
-        print(name, column, {k: v for k, v in res[column].items() if k not in ("trace", "ms_runs")}, flush=True)
-        save()
-    base = res.get("diffusers_bf16", {}).get("ms")
-    for column in res:
-        if base and isinstance(res[column], dict) and res[column].get("ms"):
-            res[column]["speedup_vs_diffusers_bf16"] = round(base / res[column]["ms"], 3)
+    run_columns(res, columns, lambda c: COMPILE_MIN_S if c == "diffusers_compile" else spec.get("column_min_s", 20),
+                lambda c: measure(c, spec, reps), name, budget, save)
+    add_speedups(res, "ms")
 
 
 def run_section(section: str, args, out: dict, save):

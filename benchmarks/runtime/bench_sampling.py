@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from columns import DEVICE, inputs, left, make, nbytes, sync, time_calls, unavailable
+from columns import DEVICE, add_speedups, inputs, make, nbytes, run_columns, sync, time_calls
 from quality import flow_sample
 
 FALLBACK_STEP_S = 1.0      # per step when the forward was not timed in this run (Wan-1.3B eager: 0.61 s on H200)
@@ -53,22 +53,7 @@ def bench_sampling(spec: dict, forward: dict, columns: list, steps: int, budget:
     """``forward``: the same model's whole-forward results of this run (for the estimates)."""
     res = dict(steps=steps, guidance="off (one forward per step)", sampler="flow-matching Euler, shift 3",
                latent=list(spec["latent"]))
-    for column in columns:
-        reason = unavailable(column)
-        need = estimate_s(column, forward, steps)
-        if reason is None and left(budget) < need:
-            reason = f"budget: {left(budget):.0f} s left, needs ~{need:.0f} s"
-        if reason:
-            res[column] = dict(skipped=reason)
-            continue
-        try:
-            res[column] = time_loop(column, spec, steps)
-        except Exception as e:      # keep the other columns
-            res[column] = dict(error=repr(e)[:400])
-        print("sampling", column, res[column], flush=True)
-        save()
-    base = res.get("diffusers_bf16", {}).get("loop_s")
-    for column in columns:
-        if base and res[column].get("loop_s"):
-            res[column]["speedup_vs_diffusers_bf16"] = round(base / res[column]["loop_s"], 3)
+    run_columns(res, columns, lambda c: estimate_s(c, forward, steps), lambda c: time_loop(c, spec, steps),
+                "sampling", budget, save)
+    add_speedups(res, "loop_s")
     return res

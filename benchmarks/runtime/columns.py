@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Optional
+import traceback
+from typing import Callable, Optional
 
 import torch
 
@@ -153,3 +154,30 @@ def measure(column: str, spec: dict, reps: int) -> dict:
         res["notes"] = dict(notes, forwards=reps + 2) if "calls" in notes else notes
     del model, call, y
     return res
+
+
+def run_columns(res: dict, columns, need_s: Callable[[str], float], run: Callable[[str], dict], label: str,
+                budget: float, save) -> None:
+    """Each column into ``res``: skipped with the reason when it cannot run here or the budget left is below
+    ``need_s(column)``; an error is recorded and the next column still runs; ``save()`` after each."""
+    for column in columns:
+        need = need_s(column)
+        reason = unavailable(column) or (f"budget: {left(budget):.0f} s left, needs ~{need:.0f} s"
+                                         if left(budget) < need else None)
+        if reason:
+            res[column] = dict(skipped=reason)
+            continue
+        try:
+            res[column] = run(column)
+        except Exception as e:      # keep the other columns
+            res[column] = dict(error=repr(e)[:400], trace=traceback.format_exc()[-1500:])
+        print(label, column, {k: v for k, v in res[column].items() if k not in ("trace", "ms_runs")}, flush=True)
+        save()
+
+
+def add_speedups(res: dict, key: str) -> None:
+    """``speedup_vs_diffusers_bf16`` of every column with a ``key`` time, against the diffusers bf16 column's."""
+    base = res.get("diffusers_bf16", {}).get(key)
+    for column in res:
+        if base and isinstance(res[column], dict) and res[column].get(key):
+            res[column]["speedup_vs_diffusers_bf16"] = round(base / res[column][key], 3)
