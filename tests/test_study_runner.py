@@ -4,8 +4,8 @@ write their record as a study run does, at the end)."""
 import sys
 import time
 from pathlib import Path
-from scripts import load_script
 
+from scripts import load_script
 
 
 def _runner():

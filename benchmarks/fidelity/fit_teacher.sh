@@ -7,15 +7,15 @@
 #   bash benchmarks/fidelity/fit_teacher.sh cpu   # small_wan_cpu (~1.2 M parameters, 3 x 16 x 16 latents): a CPU
 #
 # Stopped part-way (a time-limited call), the same command continues the fit from $OUT/teacher.fit (a resumable
-# checkpoint every CHECKPOINT_EVERY = 250 steps) to the same teacher.
+# checkpoint every CHECKPOINT_EVERY = 250 steps) to the same teacher. DATA_SAMPLES overrides the clip count (tests).
 # Writes $OUT/data (latent shards), $OUT/teacher (a megatron checkpoint: --init-from / --teacher for every tool),
 # $OUT/teacher_samples.json and .png. OUT defaults to outputs/fidelity/<recipe>.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SCALE=${1:-gpu}
 case "$SCALE" in
-  gpu) RECIPE=small_wan;     FRAMES=4; SIZE=32; SAMPLES=8000; STEPS=${STEPS:-3000}; BATCH=32; LR=5e-4 ;;
-  cpu) RECIPE=small_wan_cpu; FRAMES=3; SIZE=16; SAMPLES=4000; STEPS=${STEPS:-2000}; BATCH=16; LR=1e-3 ;;
+  gpu) RECIPE=small_wan;     FRAMES=4; SIZE=32; SAMPLES=${DATA_SAMPLES:-8000}; STEPS=${STEPS:-3000}; BATCH=32; LR=5e-4 ;;
+  cpu) RECIPE=small_wan_cpu; FRAMES=3; SIZE=16; SAMPLES=${DATA_SAMPLES:-4000}; STEPS=${STEPS:-2000}; BATCH=16; LR=1e-3 ;;
   *) echo "usage: $0 gpu|cpu" >&2; exit 2 ;;
 esac
 OUT=${OUT:-outputs/fidelity/$RECIPE}
