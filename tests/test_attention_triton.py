@@ -181,3 +181,13 @@ def test_full_shapes_against_sdpa_and_float64(SQ, SK, H, D):
     c_exact = cosine(got[:, rows], attention_float64(q[:, rows], k, v))
     print(f"cosine vs SDPA {c_sdpa:.6f}, vs float64 (256 rows) {c_exact:.6f}")
     assert c_sdpa >= 0.999 and c_exact >= 0.999
+
+
+def test_warp_specialized_key_loop_computes_the_same_attention():
+    """AttentionConfig.warp_specialize only reschedules the key loop (Triton's automatic warp specialization): the
+    same operands, the same result. On a GPU this is the test that the Hopper pass compiles the kernel at all."""
+    q, k, v = (t.to(DEVICE) for t in qkv(1, 70, 96, 2, 64, seed=5))
+    plain = quantized_attention_triton(q, k, v, config=small(32))
+    specialized = quantized_attention_triton(
+        q, k, v, config=AttentionConfig(block_m=32, block_n=32, num_warps=4, num_stages=2, warp_specialize=True))
+    assert torch.allclose(specialized.float(), plain.float(), rtol=1e-3, atol=1e-3)

@@ -50,6 +50,10 @@ class AttentionConfig:
     num_warps: int = 8
     num_stages: int = 3
     pv: str = "fp8"
+    # Triton's automatic warp specialization of the key loop (3.6 has a Hopper pass: TMA loads in a producer warp
+    # group, the products and softmax in consumer groups): the overlap the lockstep loop lacks. Off until the tile
+    # sweep of benchmarks/runtime measures it on a GPU.
+    warp_specialize: bool = False
 
     def __post_init__(self):
         if self.pv not in PV_DTYPES:
@@ -354,7 +358,7 @@ def _attention_kernel(q_desc, k_desc, v_desc, q_scale_ptr, k_scale_ptr, v_scale_
                       stride_ob, stride_os, stride_oh,
                       H: tl.constexpr, SK: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, PV_FP8: tl.constexpr, LOG2_P: tl.constexpr,
-                      EXACT_FP8: tl.constexpr):
+                      EXACT_FP8: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -365,7 +369,7 @@ def _attention_kernel(q_desc, k_desc, v_desc, q_scale_ptr, k_scale_ptr, v_scale_
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    for j in range(0, SK // BLOCK_N):
+    for j in tl.range(0, SK // BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         k = k_desc.load([bh * SK + j * BLOCK_N, 0])
         vt = v_desc.load([bh * D, j * BLOCK_N])
         c = qs * tl.load(k_scale_ptr + bh * NBLK + j)
@@ -437,7 +441,8 @@ def attention_from_codes(qkv: QuantizedQKV, out: torch.Tensor,
     _attention_kernel[grid](q_desc, k_desc, v_desc, qkv.q_scale, qkv.k_scale, qkv.v_scale, out, SQ,
                             out.stride(0), out.stride(1), out.stride(2), H=H, SK=SK, D=D, BLOCK_M=cfg.block_m,
                             BLOCK_N=cfg.block_n, PV_FP8=cfg.pv == "fp8", LOG2_P=LOG2_P_SCALE,
-                            EXACT_FP8=interpreter_requested(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                            EXACT_FP8=interpreter_requested(), WARP_SPECIALIZE=cfg.warp_specialize,
+                            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
 
