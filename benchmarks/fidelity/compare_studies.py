@@ -21,7 +21,8 @@ from statistics import mean, median
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from plots import COLOURS, LABELS, METHOD_ORDER, _final_eval, _mean_curve, _ms, _pm, _save  # noqa: E402
+from plots import (COLOURS, LABELS, METHOD_ORDER, final_eval_loss, mean_curve, mean_std, plus_minus,  # noqa: E402
+                   save_png)
 
 
 def load(studies, bits):
@@ -47,16 +48,16 @@ def table(groups, baseline):
     lines = ["| study | method | seeds | sampled rel_l2 | one-step error | final eval loss | prompts closer than "
              f"{baseline[0]} / {LABELS[baseline[1]]} | median per-prompt ratio |", "|---|---|---|---|---|---|---|---|"]
     for (label, method), runs in groups.items():
-        rel = _ms([r["fidelity"]["rel_l2"] for r in runs])
-        one = _ms([mean(r["fidelity"]["one_step_rel_l2"]) for r in runs])
-        ev = _ms([_final_eval(r) for r in runs])
+        rel = mean_std([r["fidelity"]["rel_l2"] for r in runs])
+        one = mean_std([mean(r["fidelity"]["one_step_rel_l2"]) for r in runs])
+        ev = mean_std([final_eval_loss(r) for r in runs])
         closer = ratio = "-"
         if base is not None and (label, method) != baseline:
             mine = per_prompt(runs)
             closer = f"{sum(m < b for m, b in zip(mine, base))} of {len(base)}"
             ratio = f"{median(m / b for m, b in zip(mine, base)):.3f}"
-        lines.append(f"| {label} | {LABELS[method]} | {len(runs)} | {_pm(*rel)} | {_pm(*one)} | {_pm(*ev)} | "
-                     f"{closer} | {ratio} |")
+        lines.append(f"| {label} | {LABELS[method]} | {len(runs)} | {plus_minus(*rel)} | {plus_minus(*one)} | "
+                     f"{plus_minus(*ev)} | {closer} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -74,7 +75,7 @@ def plot(groups, path: Path):
         if not runs:
             continue
         steps = [s for s, _ in runs[0]["train"]["eval_loss"]]
-        curve = _mean_curve([[v for _, v in r["train"]["eval_loss"]] for r in runs])
+        curve = mean_curve([[v for _, v in r["train"]["eval_loss"]] for r in runs])
         ax.plot(steps[:len(curve)], curve, styles[labels.index(label) % len(styles)], color=COLOURS[method],
                 label=f"{label}: {LABELS[method]}")
     ax.set_xlabel("training step")
@@ -83,7 +84,7 @@ def plot(groups, path: Path):
     ax.legend(fontsize=6)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def main(argv=None) -> int:

@@ -18,14 +18,14 @@ def _groups(runs):
     return groups
 
 
-def _final_eval(r):
+def final_eval_loss(r):
     if r.get("train") is None:
         return r.get("eval_loss_ptq")
     curve = r["train"]["eval_loss"]
     return curve[-1][1] if curve else None
 
 
-def _ms(values):
+def mean_std(values):
     values = [v for v in values if v is not None and math.isfinite(v)]
     if not values:
         return None, None
@@ -35,17 +35,17 @@ def _ms(values):
 def summary_rows(runs):
     rows = []
     for (bits, method), rs in sorted(_groups(runs).items(), key=lambda kv: (kv[0][0], METHOD_ORDER.index(kv[0][1]))):
-        rel, rel_sd = _ms([r["fidelity"]["rel_l2"] for r in rs])
-        psnr, psnr_sd = _ms([r["fidelity"]["psnr_db"] for r in rs])
-        ev, ev_sd = _ms([_final_eval(r) for r in rs])
-        gn, _ = _ms([mean([g for g in r["train"]["grad_norm"] if g is not None]) for r in rs if r.get("train")])
+        rel, rel_sd = mean_std([r["fidelity"]["rel_l2"] for r in rs])
+        psnr, psnr_sd = mean_std([r["fidelity"]["psnr_db"] for r in rs])
+        ev, ev_sd = mean_std([final_eval_loss(r) for r in rs])
+        gn, _ = mean_std([mean([g for g in r["train"]["grad_norm"] if g is not None]) for r in rs if r.get("train")])
         rows.append({"bits": bits, "method": method, "seeds": len(rs), "rel_l2": rel, "rel_l2_std": rel_sd,
                      "psnr_db": psnr, "psnr_db_std": psnr_sd, "eval_loss": ev, "eval_loss_std": ev_sd,
                      "mean_grad_norm": gn})
     return rows
 
 
-def _pm(m, s, digits=4):
+def plus_minus(m, s, digits=4):
     if m is None:
         return "-"
     return f"{m:.{digits}g} ± {s:.2g}"
@@ -56,8 +56,9 @@ def summary_markdown(rows):
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         gn = "-" if r["mean_grad_norm"] is None else f"{r['mean_grad_norm']:.3g}"
-        lines.append(f"| {r['bits'].upper()} | {LABELS[r['method']]} | {r['seeds']} | {_pm(r['rel_l2'], r['rel_l2_std'])} "
-                     f"| {_pm(r['psnr_db'], r['psnr_db_std'], 3)} | {_pm(r['eval_loss'], r['eval_loss_std'])} | {gn} |")
+        lines.append(f"| {r['bits'].upper()} | {LABELS[r['method']]} | {r['seeds']} "
+                     f"| {plus_minus(r['rel_l2'], r['rel_l2_std'])} | {plus_minus(r['psnr_db'], r['psnr_db_std'], 3)} "
+                     f"| {plus_minus(r['eval_loss'], r['eval_loss_std'])} | {gn} |")
     return "\n".join(lines)
 
 
@@ -71,7 +72,7 @@ def _smooth(values, window):
     return out
 
 
-def _mean_curve(curves):
+def mean_curve(curves):
     """Element-wise mean of equally long curves (the shortest length)."""
     n = min(len(c) for c in curves)
     return [mean(c[i] for c in curves) for i in range(n)]
@@ -92,7 +93,7 @@ def write_plots(runs, folder: Path):
     fig, axes = plt.subplots(1, len(bits_list), figsize=(5.2 * len(bits_list), 3.6), squeeze=False)
     for ax, bits in zip(axes[0], bits_list):
         methods = [m for m in METHOD_ORDER if (bits, m) in groups]
-        vals = [_ms([r["fidelity"]["rel_l2"] for r in groups[(bits, m)]]) for m in methods]
+        vals = [mean_std([r["fidelity"]["rel_l2"] for r in groups[(bits, m)]]) for m in methods]
         ax.bar(range(len(methods)), [v[0] for v in vals], yerr=[v[1] for v in vals], capsize=4,
                color=[COLOURS[m] for m in methods])
         for i, m in enumerate(methods):
@@ -103,7 +104,7 @@ def write_plots(runs, folder: Path):
         ax.set_ylabel("sampled rel. L2 vs teacher (lower is better)")
         ax.set_title(bits.upper())
     fig.tight_layout()
-    written.append(_save(fig, folder / "rel_l2.png"))
+    written.append(save_png(fig, folder / "rel_l2.png"))
 
     # 2. eval loss over steps (mean over seeds)
     fig, axes = plt.subplots(1, len(bits_list), figsize=(5.2 * len(bits_list), 3.6), squeeze=False)
@@ -114,7 +115,7 @@ def write_plots(runs, folder: Path):
             rs = [r for r in groups.get((bits, m), []) if r.get("train")]
             if rs:
                 steps = [s for s, _ in rs[0]["train"]["eval_loss"]]
-                curve = _mean_curve([[v for _, v in r["train"]["eval_loss"]] for r in rs])
+                curve = mean_curve([[v for _, v in r["train"]["eval_loss"]] for r in rs])
                 ax.plot(steps[:len(curve)], curve, "-o", ms=2, color=COLOURS[m], label=LABELS[m])
         ax.set_xlabel("training step")
         ax.set_ylabel("loss on the fixed eval set")
@@ -122,7 +123,7 @@ def write_plots(runs, folder: Path):
         ax.set_title(bits.upper())
         ax.legend(fontsize=6)
     fig.tight_layout()
-    written.append(_save(fig, folder / "eval_loss.png"))
+    written.append(save_png(fig, folder / "eval_loss.png"))
 
     # 3. gradient norm over steps (mean over seeds, smoothed), and its ratio to plain LSQ's at the same step
     fig, axes = plt.subplots(2, len(bits_list), figsize=(5.2 * len(bits_list), 6.4), squeeze=False)
@@ -131,7 +132,7 @@ def write_plots(runs, folder: Path):
         for m in METHOD_ORDER:
             rs = [r for r in groups.get((bits, m), []) if r.get("train")]
             if rs:
-                curves[m] = _smooth(_mean_curve([[g if g is not None else float("nan") for g in r["train"]["grad_norm"]]
+                curves[m] = _smooth(mean_curve([[g if g is not None else float("nan") for g in r["train"]["grad_norm"]]
                                                  for r in rs]), 10)
                 axes[0][col].plot(range(1, len(curves[m]) + 1), curves[m], color=COLOURS[m], label=LABELS[m])
         for m, curve in curves.items():
@@ -147,7 +148,7 @@ def write_plots(runs, folder: Path):
         axes[1][col].set_xlabel("training step")
         axes[1][col].legend(fontsize=6)
     fig.tight_layout()
-    written.append(_save(fig, folder / "grad_norm.png"))
+    written.append(save_png(fig, folder / "grad_norm.png"))
 
     # 4. share of small singular values of Phi over training
     fig, axes = plt.subplots(1, len(bits_list), figsize=(5.2 * len(bits_list), 3.6), squeeze=False)
@@ -157,7 +158,7 @@ def write_plots(runs, folder: Path):
             if not rs:
                 continue
             steps = rs[0]["train"]["spectrum"]["steps"]
-            curve = _mean_curve([r["train"]["spectrum"]["share_small"] for r in rs])
+            curve = mean_curve([r["train"]["spectrum"]["share_small"] for r in rs])
             ax.plot(steps[:len(curve)], curve, "-o", ms=2, color=COLOURS[m], label=LABELS[m])
         ax.set_xlabel("training step")
         ax.set_ylabel("share of Phi's SVs < 0.1 x step-0 max")
@@ -165,7 +166,7 @@ def write_plots(runs, folder: Path):
         ax.set_title(bits.upper())
         ax.legend(fontsize=6)
     fig.tight_layout()
-    written.append(_save(fig, folder / "aux_spectrum.png"))
+    written.append(save_png(fig, folder / "aux_spectrum.png"))
 
     # 5. per-step trajectory error of the sampled evaluation (mean over seeds)
     fig, axes = plt.subplots(1, len(bits_list), figsize=(5.2 * len(bits_list), 3.6), squeeze=False)
@@ -173,18 +174,18 @@ def write_plots(runs, folder: Path):
         for m in METHOD_ORDER:
             rs = groups.get((bits, m), [])
             if rs:
-                curve = _mean_curve([r["fidelity"]["trajectory_rel_l2"] for r in rs])
+                curve = mean_curve([r["fidelity"]["trajectory_rel_l2"] for r in rs])
                 ax.plot(range(1, len(curve) + 1), curve, color=COLOURS[m], label=LABELS[m])
         ax.set_xlabel("sampler step")
         ax.set_ylabel("trajectory rel. L2 vs teacher")
         ax.set_title(bits.upper())
         ax.legend(fontsize=6)
     fig.tight_layout()
-    written.append(_save(fig, folder / "trajectory.png"))
+    written.append(save_png(fig, folder / "trajectory.png"))
     return written
 
 
-def _save(fig, path: Path) -> Path:
+def save_png(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     tmp = path.with_name("." + path.name + ".tmp.png")

@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 
 from baselines import SageForSdpa, diffusers_model, to_fp8_linears
-from bench_wan import DEVICE, build
+from bench_wan import DEVICE, build, sync
 
 from qvgen_kernels.cogvideox_model import CogVideoXRuntimeTransformer, cogvideox_config, rotary_positions
 from qvgen_kernels.wan_model import WanRuntimeTransformer
@@ -29,11 +29,6 @@ START = time.time()
 def left(budget: float) -> float:
     """Seconds of ``budget`` left since this module was imported (the start of the run)."""
     return budget - (time.time() - START)
-
-
-def sync():
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
 
 
 def time_calls(fn, reps: int) -> list:
