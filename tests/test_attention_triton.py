@@ -191,3 +191,19 @@ def test_warp_specialized_key_loop_computes_the_same_attention():
     specialized = quantized_attention_triton(
         q, k, v, config=AttentionConfig(block_m=32, block_n=32, num_warps=4, num_stages=2, warp_specialize=True))
     assert torch.allclose(specialized.float(), plain.float(), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("sk", [96, 70, 20], ids=["whole_blocks", "partial_last", "one_block"])
+def test_pipelined_key_loop_computes_the_same_attention(sk):
+    """AttentionConfig.pipeline_qk issues the next block's Q Kᵀ before this block's softmax: the same operations
+    on the same operands in the same order of accumulation, so the same output bit for bit (interpreter and GPU)."""
+    q, k, v = (t.to(DEVICE) for t in qkv(1, 70, sk, 2, 64, seed=6))
+    plain = quantized_attention_triton(q, k, v, config=small(32))
+    pipelined = quantized_attention_triton(
+        q, k, v, config=AttentionConfig(block_m=32, block_n=32, num_warps=4, num_stages=2, pipeline_qk=True))
+    assert torch.equal(pipelined, plain)
+
+
+def test_two_schedules_of_the_key_loop_are_refused():
+    with pytest.raises(ValueError, match="choose one"):
+        AttentionConfig(pipeline_qk=True, warp_specialize=True)

@@ -1,6 +1,6 @@
 """Rank decay with megatron's distributed optimizer, real gloo ranks: every phase down to r = 0 at DP = 2 and
 TP = 2 x DP = 2 equals the plain optimizer; each boundary keeps L R exact in the fp32 main params, leaves the
-model copy equal to the rounded main copy and zeroes the moments on every rank; the recipes' derived phase
+model copy equal to the rounded main copy and zeroes (or, realigned, re-maps) the moments on every rank; the recipes' derived phase
 length works; a distributed-optimizer checkpoint survives SIGKILL and resumes at DP = 2, DP = 1 and TP = 2."""
 import dataclasses
 import os
@@ -19,10 +19,10 @@ STEPS = 12              # ranks 4 | 2 | 1 | 0, three steps each
 RANKS = [4] * T + [2] * T + [1] * T + [0] * T
 
 
-def decay_cfg(root, tp=1, distributed=True, precision="fp32", steps=STEPS, **train):
+def decay_cfg(root, tp=1, distributed=True, precision="fp32", steps=STEPS, moments="reset", **train):
     base = tiny_cfg(root, tp=tp, steps=steps, precision=precision, **train)
     return dataclasses.replace(
-        base, quant=QuantConfig.for_method("qvgen", "w4a4", aux_rank=4, decay_phase_steps=T),
+        base, quant=QuantConfig.for_method("qvgen", "w4a4", aux_rank=4, decay_phase_steps=T, decay_moments=moments),
         parallel=ParallelConfig(tensor_parallel=tp, distributed_optimizer=distributed))
 
 
@@ -87,13 +87,14 @@ def _train(rank, world, cfg, init_from, kill_at=None):
     }
 
 
-def _check_boundaries(out, ranks, boundaries):
+def _check_boundaries(out, ranks, boundaries, reset=True):
     for r in out:
         assert r["ranks"].tolist() == ranks
         assert float(r["gates"].min()) < 0.5, "the gate never annealed below 1 within a phase"
         assert r["product_error"].numel() == boundaries and float(r["product_error"].max()) < 1e-6, r["product_error"]
         assert bool(r["model_is_rounded_main"]), "model copy of L/R differs from the rounded main params after a boundary"
-        assert bool(r["moments_zero"]), "Adam moments of the re-factored L/R were not reset on every rank"
+        assert bool(r["moments_zero"]) == reset, ("Adam moments of the re-factored L/R were not reset on every rank"
+                                                  if reset else "realigned moments are zero")
         assert int(r["aux_params"]) == 0, "auxiliary factors survive rank 0"
 
 
@@ -116,6 +117,18 @@ def test_every_phase_to_rank_zero_equals_the_plain_optimizer(teacher_ckpt, world
     dopt = run_distributed(_train, world, decay_cfg(str(root / f"dopt{world}"), tp, distributed=True), path)
     _check_boundaries(dopt, RANKS, boundaries=2)   # 4 -> 2 -> 1 re-factor; 1 -> 0 deletes
     _check_boundaries(plain, RANKS, boundaries=2)
+    _check_equal(dopt, plain)
+
+
+def test_realigned_moments_with_distributed_optimizer_equal_the_plain_optimizer(teacher_ckpt):
+    """quant.decay_moments=realign: the moments are gathered from their DP pieces, re-mapped and written back;
+    the run equals the plain optimizer's with the same policy."""
+    root, path = teacher_ckpt
+    plain = run_distributed(_train, 2, decay_cfg(str(root / "plain_realign"), distributed=False, moments="realign"),
+                            path)
+    dopt = run_distributed(_train, 2, decay_cfg(str(root / "dopt_realign"), moments="realign"), path)
+    _check_boundaries(dopt, RANKS, boundaries=2, reset=False)
+    _check_boundaries(plain, RANKS, boundaries=2, reset=False)
     _check_equal(dopt, plain)
 
 

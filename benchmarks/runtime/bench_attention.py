@@ -23,15 +23,19 @@ def bench_attention(out: dict, tiny: bool, save):
               ("cogvideox2b_joint", 17776, 17776, 30, 64)]
     # tile sweeps per head dim (SageAttention's (128, 64, 8, 4) / (128, 64, 4, 3) included; 64-row tiles let 2-3
     # programs share an SM, so one's softmax overlaps another's matrix work); the last rows of each: Triton's
-    # automatic warp specialization of the key loop (AttentionConfig.warp_specialize), not yet measured
-    ws = [(128, 128, 8, 2, "fp8", True), (128, 128, 8, 3, "fp8", True), (64, 128, 4, 3, "fp8", True)]
+    # automatic warp specialization of the key loop (AttentionConfig.warp_specialize), then the hand-pipelined Q Kᵀ
+    # (AttentionConfig.pipeline_qk); neither measured yet
+    ws = [(128, 128, 8, 2, "fp8", True), (128, 128, 8, 3, "fp8", True), (64, 128, 4, 3, "fp8", True),
+          (128, 128, 8, 2, "fp8", False, True), (128, 128, 8, 3, "fp8", False, True),
+          (64, 128, 4, 3, "fp8", False, True), (64, 128, 4, 2, "fp8", False, True)]
     sweeps = {128: [(128, 128, 8, 2), (128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 8, 3), (128, 64, 8, 4),
                     (64, 128, 4, 2), (64, 128, 4, 3), (64, 64, 4, 3)] + ws,
               64: [(128, 128, 8, 3), (128, 128, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3)] + ws}
     sweep_shapes = [1, 4]     # wan14b_self (d = 128), cogvideox2b_joint (d = 64)
     if tiny:
         shapes = [("wan_tiny_self", 100, 100, 2, 64), ("wan_tiny_cross", 100, 20, 2, 64)]
-        sweeps = {64: [(32, 32, 4, 2), (16, 32, 4, 2), (32, 32, 4, 2, "fp8", True)]}   # block_n >= 32: fp8 P.V
+        sweeps = {64: [(32, 32, 4, 2), (16, 32, 4, 2), (32, 32, 4, 2, "fp8", True),     # block_n >= 32: fp8 P.V
+                       (32, 32, 4, 2, "fp8", False, True)]}
         sweep_shapes = [0]
     bench = (lambda f: do_bench(f, warmup=3, rep=100, return_mode="median")) if DEVICE == "cuda" else \
         (lambda f: statistics.median(time_calls(f, 2)))

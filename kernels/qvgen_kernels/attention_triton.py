@@ -54,6 +54,9 @@ class AttentionConfig:
     # group, the products and softmax in consumer groups): the overlap the lockstep loop lacks. Off until the tile
     # sweep of benchmarks/runtime measures it on a GPU.
     warp_specialize: bool = False
+    # Q Kᵀ of the next key block issued before this block's softmax (FlashAttention-3's intra-warpgroup overlap,
+    # by hand; see the kernel). Off until measured on a GPU; exclusive with warp_specialize.
+    pipeline_qk: bool = False
 
     def __post_init__(self):
         if self.pv not in PV_DTYPES:
@@ -62,6 +65,9 @@ class AttentionConfig:
             v = getattr(self, name)
             if v < 16 or v > 256 or v & (v - 1):   # a TMA box side is at most 256
                 raise ValueError(f"AttentionConfig.{name} must be a power of two in [16, 256], got {v}")
+        if self.pipeline_qk and self.warp_specialize:
+            raise ValueError("AttentionConfig: pipeline_qk and warp_specialize are two schedules of the key loop; "
+                             "choose one")
         if self.pv == "fp8" and self.block_n < 32:   # block_n is the K of the P.V product (found on an H200)
             raise ValueError(f"AttentionConfig: fp8 P.V needs block_n >= 32 (fp8 tensor-core products take K >= 32), "
                              f"got {self.block_n}; use pv='fp16' for smaller tiles")
@@ -331,9 +337,9 @@ def quantize_v(v: torch.Tensor, pv: str = "fp8"):
 
 # ------------------------------------------------------------------------------------------ attention kernel
 @triton.jit
-def _attend_block(q, k, vt, c, m_i, l_i, acc, col0, SK: tl.constexpr, BLOCK_N: tl.constexpr,
+def _attend_block(qk, vt, c, m_i, l_i, acc, col0, SK: tl.constexpr, BLOCK_N: tl.constexpr,
                   MASK: tl.constexpr, PV_FP8: tl.constexpr, LOG2_P: tl.constexpr, EXACT_FP8: tl.constexpr):
-    qk = tl.dot(q, k.T, out_dtype=tl.int32)                   # exact
+    """Online softmax of one block of int32 logits ``qk`` (exact Q Kᵀ codes) and its P.V into ``acc``."""
     if MASK:             # the last, partial block: keys past SK (the next head's, or zeros) get -inf
         cols = col0 + tl.arange(0, BLOCK_N)
         s = tl.where(cols[None, :] < SK, qk.to(tl.float32), float("-inf"))
@@ -358,7 +364,7 @@ def _attention_kernel(q_desc, k_desc, v_desc, q_scale_ptr, k_scale_ptr, v_scale_
                       stride_ob, stride_os, stride_oh,
                       H: tl.constexpr, SK: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, PV_FP8: tl.constexpr, LOG2_P: tl.constexpr,
-                      EXACT_FP8: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+                      EXACT_FP8: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, PIPELINE_QK: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -369,19 +375,39 @@ def _attention_kernel(q_desc, k_desc, v_desc, q_scale_ptr, k_scale_ptr, v_scale_
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    for j in tl.range(0, SK // BLOCK_N, warp_specialize=WARP_SPECIALIZE):
-        k = k_desc.load([bh * SK + j * BLOCK_N, 0])
-        vt = v_desc.load([bh * D, j * BLOCK_N])
-        c = qs * tl.load(k_scale_ptr + bh * NBLK + j)
-        m_i, l_i, acc = _attend_block(q, k, vt, c, m_i, l_i, acc, j * BLOCK_N, SK, BLOCK_N, False, PV_FP8, LOG2_P,
-                                      EXACT_FP8)
-    if SK % BLOCK_N != 0:
-        j_last: tl.constexpr = SK // BLOCK_N
-        k = k_desc.load([bh * SK + j_last * BLOCK_N, 0])
+    if PIPELINE_QK:
+        # FlashAttention-3's intra-warpgroup overlap, written out: block j+1's Q Kᵀ is issued before block j's
+        # softmax, so the (asynchronous) tensor-core product runs under the exponentials; its result is only read
+        # in the next iteration. Every block once; the last one (masked if partial) after the loop.
+        qk = tl.dot(q, k_desc.load([bh * SK, 0]).T, out_dtype=tl.int32)
+        for j in tl.range(0, NBLK - 1):
+            qk_next = tl.dot(q, k_desc.load([bh * SK + (j + 1) * BLOCK_N, 0]).T, out_dtype=tl.int32)
+            vt = v_desc.load([bh * D, j * BLOCK_N])
+            c = qs * tl.load(k_scale_ptr + bh * NBLK + j)
+            m_i, l_i, acc = _attend_block(qk, vt, c, m_i, l_i, acc, j * BLOCK_N, SK, BLOCK_N, False, PV_FP8,
+                                          LOG2_P, EXACT_FP8)
+            qk = qk_next
+        j_last: tl.constexpr = NBLK - 1
         vt = v_desc.load([bh * D, j_last * BLOCK_N])
         c = qs * tl.load(k_scale_ptr + bh * NBLK + j_last)
-        m_i, l_i, acc = _attend_block(q, k, vt, c, m_i, l_i, acc, j_last * BLOCK_N, SK, BLOCK_N, True, PV_FP8,
-                                      LOG2_P, EXACT_FP8)
+        m_i, l_i, acc = _attend_block(qk, vt, c, m_i, l_i, acc, j_last * BLOCK_N, SK, BLOCK_N, SK % BLOCK_N != 0,
+                                      PV_FP8, LOG2_P, EXACT_FP8)
+    else:
+        for j in tl.range(0, SK // BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+            k = k_desc.load([bh * SK + j * BLOCK_N, 0])
+            vt = v_desc.load([bh * D, j * BLOCK_N])
+            c = qs * tl.load(k_scale_ptr + bh * NBLK + j)
+            qk = tl.dot(q, k.T, out_dtype=tl.int32)                   # exact
+            m_i, l_i, acc = _attend_block(qk, vt, c, m_i, l_i, acc, j * BLOCK_N, SK, BLOCK_N, False, PV_FP8,
+                                          LOG2_P, EXACT_FP8)
+        if SK % BLOCK_N != 0:
+            j_last2: tl.constexpr = SK // BLOCK_N
+            k = k_desc.load([bh * SK + j_last2 * BLOCK_N, 0])
+            vt = v_desc.load([bh * D, j_last2 * BLOCK_N])
+            c = qs * tl.load(k_scale_ptr + bh * NBLK + j_last2)
+            qk = tl.dot(q, k.T, out_dtype=tl.int32)
+            m_i, l_i, acc = _attend_block(qk, vt, c, m_i, l_i, acc, j_last2 * BLOCK_N, SK, BLOCK_N, True, PV_FP8,
+                                          LOG2_P, EXACT_FP8)
     d = tl.arange(0, D)
     vs = tl.load(v_scale_ptr + bh * D + d)
     out = acc * vs[None, :] / l_i[:, None]
@@ -442,6 +468,7 @@ def attention_from_codes(qkv: QuantizedQKV, out: torch.Tensor,
                             out.stride(0), out.stride(1), out.stride(2), H=H, SK=SK, D=D, BLOCK_M=cfg.block_m,
                             BLOCK_N=cfg.block_n, PV_FP8=cfg.pv == "fp8", LOG2_P=LOG2_P_SCALE,
                             EXACT_FP8=interpreter_requested(), WARP_SPECIALIZE=cfg.warp_specialize,
+                            PIPELINE_QK=cfg.pipeline_qk,
                             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 

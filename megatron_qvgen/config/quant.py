@@ -18,6 +18,7 @@ METHODS = ("qvgen", "lsq", "qvgen_keep_aux", "decay_all")
 WEIGHT_BITS = (2, 3, 4)
 ACT_BITS = (2, 3, 4, 5, 6, 7, 8)
 BIT_PRESETS = {"w4a4": (4, 4), "w3a3": (3, 3), "w4a8": (4, 8)}
+DECAY_MOMENTS = ("reset", "realign", "keep")   # megatron_qvgen/quant/decay_moments.py
 
 
 @dataclass
@@ -45,6 +46,9 @@ class QuantConfig:
     # Phase length T in steps; None = train.steps // number of phases (resolved by ExperimentConfig).
     decay_phase_steps: Optional[int] = None
     decay_anneal: str = "cosine"
+    # What a boundary does to the Adam moments of the re-factored L and R: reset | realign | keep
+    # (megatron_qvgen/quant/decay_moments.py; QVGEN.md asks for "re-align or reset").
+    decay_moments: str = "reset"
     # Which linears are quantized, by fnmatch pattern on the module name (exclusions off by default).
     include: Tuple[str, ...] = ("*",)
     exclude: Tuple[str, ...] = ()
@@ -77,6 +81,8 @@ class QuantConfig:
             raise ConfigError(f"quant.decay_phase_steps must be >= 1, got {self.decay_phase_steps}")
         if self.decay_anneal not in ("cosine", "linear"):
             raise ConfigError(f"quant.decay_anneal must be 'cosine' or 'linear', got {self.decay_anneal!r}")
+        if self.decay_moments not in DECAY_MOMENTS:
+            raise ConfigError(f"quant.decay_moments must be one of {DECAY_MOMENTS}, got {self.decay_moments!r}")
         self.include = tuple(self.include)
         self.exclude = tuple(self.exclude)
 

@@ -8,7 +8,8 @@ deleted and the layer costs one quantised matmul.
 The optimizer owns the master copies of L and R, so every boundary goes through an
 :class:`OptimizerAdapter`: the re-factorisation is computed from the optimizer's whole (fp32) main
 parameters (gathered where a distributed optimizer shards them), written in place to both main and model
-parameters, and the moments of L and R are reset (Adam moments of the old factors do not transform into moments of the new ones). L and R keep
+parameters, and the moments of L and R are reset, realigned or kept (``quant.decay_moments``, see
+``decay_moments.py``: Adam's moments of the old factors describe a basis that is gone). L and R keep
 their r0-wide storage until rank 0 (the layer's ``aux_active_rank`` buffer says how much is live), so
 megatron's DDP buffers and the checkpoint layout never change mid-run.
 """
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from megatron_qvgen.config import QuantConfig
+from megatron_qvgen.quant.decay_moments import MomentRemap, boundary_moment_remap
 from megatron_qvgen.quant.distributed_svd import refactor_transforms
 
 
@@ -81,8 +83,9 @@ class OptimizerAdapter:
         """The whole master copy of ``param``: the most precise one the optimizer has (e.g. fp32)."""
         raise NotImplementedError
 
-    def replace(self, param: nn.Parameter, whole: torch.Tensor) -> None:
-        """Make ``whole`` the master copy of ``param`` and, rounded, ``param`` itself; moments start afresh."""
+    def replace(self, param: nn.Parameter, whole: torch.Tensor, remap: Optional[MomentRemap] = None) -> None:
+        """Make ``whole`` the master copy of ``param`` and, rounded, ``param`` itself. Its moments: zeroed when
+        ``remap`` is None, else ``remap`` of the whole moments (read before the write)."""
         raise NotImplementedError
 
     def remove(self, params: Sequence[nn.Parameter]) -> None:
@@ -96,7 +99,7 @@ class NoOptimizer(OptimizerAdapter):
     def full_master(self, param):
         return param.detach()
 
-    def replace(self, param, whole):
+    def replace(self, param, whole, remap=None):
         with torch.no_grad():
             param.copy_(whole)
 
@@ -110,9 +113,16 @@ class TorchOptimizerAdapter(NoOptimizer):
     def __init__(self, optimizer: torch.optim.Optimizer):
         self.optimizer = optimizer
 
-    def replace(self, param, whole):
+    def replace(self, param, whole, remap=None):
         super().replace(param, whole)
-        reset_moments(self.optimizer.state.get(param))
+        state = self.optimizer.state.get(param)
+        if remap is None or not state:
+            reset_moments(state)
+            return
+        moments = {k: v for k, v in state.items() if k != "step" and torch.is_tensor(v) and v.shape == param.shape}
+        with torch.no_grad():
+            for name, new in remap(moments).items():
+                state[name].copy_(new)
 
     def remove(self, params):
         gone = {id(p) for p in params}
@@ -149,8 +159,9 @@ def _refactored(full: torch.Tensor, transform: torch.Tensor, rank: int, left: bo
 
 
 @torch.no_grad()
-def decay_layer(layer: nn.Module, new_rank: int, adapter: OptimizerAdapter) -> None:
-    """Drop the decayed columns of one layer's L, R and re-factor the kept ones (or delete them at 0)."""
+def decay_layer(layer: nn.Module, new_rank: int, adapter: OptimizerAdapter, moments: str = "reset") -> None:
+    """Drop the decayed columns of one layer's L, R and re-factor the kept ones (or delete them at 0);
+    ``moments``: what becomes of their optimizer moments (``decay_moments.DECAY_MOMENTS``)."""
     if new_rank >= layer.aux_rank:
         raise ValueError(f"rank decay of '{layer.quant_name}' must lower the rank: {layer.aux_rank} -> {new_rank}")
     if new_rank == 0:
@@ -162,8 +173,11 @@ def decay_layer(layer: nn.Module, new_rank: int, adapter: OptimizerAdapter) -> N
     src_r = adapter.full_master(layer.aux_R)
     t_l, t_r = refactor_transforms(src_l[:, :new_rank], src_r[:new_rank], l_sharded=layer._rows_split,
                                    group=layer._tp_group_if_split)
-    adapter.replace(layer.aux_L, _refactored(src_l, t_l, new_rank, left=True))
-    adapter.replace(layer.aux_R, _refactored(src_r, t_r, new_rank, left=False))
+    # grad(L') = grad(L_k) T_R^T and grad(R') = T_L^T grad(R_k)
+    adapter.replace(layer.aux_L, _refactored(src_l, t_l, new_rank, left=True),
+                    boundary_moment_remap(moments, t_r.T, new_rank, left=True))
+    adapter.replace(layer.aux_R, _refactored(src_r, t_r, new_rank, left=False),
+                    boundary_moment_remap(moments, t_l.T, new_rank, left=False))
     layer.set_active_rank(new_rank)
 
 
@@ -187,7 +201,7 @@ class RankDecay:
         """Bring every auxiliary factor to ``new_rank``; returns the number of layers changed."""
         layers = [layer for layer in _layers_with_aux(self.models) if layer.aux_rank > new_rank]
         for layer in layers:
-            decay_layer(layer, new_rank, self.adapter)
+            decay_layer(layer, new_rank, self.adapter, self.schedule.quant.decay_moments)
         return len(layers)
 
     def current_rank(self) -> int:

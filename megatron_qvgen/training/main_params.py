@@ -85,6 +85,15 @@ class MainCopy:
             state["step"] = step.value.clone()
         self.inner.state[self.main] = state
 
+    @torch.no_grad()
+    def write_moments(self, whole: Dict[str, torch.Tensor]) -> None:
+        """This rank's part of each whole moment into the existing state (none before the first step: nothing
+        to write); the step count stays."""
+        state = self.state()
+        for name, tensor in whole.items():
+            if state and name in state:
+                state[name].copy_(self._mine(tensor, state[name]))
+
     def reset_moments(self) -> None:
         """Zero this rank's part of the moments (every rank zeroes its own part: all of them agree)."""
         reset_moments(self.state())

@@ -121,7 +121,7 @@ class MegatronOptimizerAdapter(OptimizerAdapter):
     The re-factorisation is computed from the whole main copy: held whole by the Float16 / FP32
     optimizers, gathered from its DP pieces (a collective; L and R are small) with the distributed
     optimizer. The result is written to every rank's main piece and, rounded, to the model copy; each
-    rank zeroes its piece of the moments. Removal (rank 0) is recorded and carried out by
+    rank zeroes (or re-maps, ``quant.decay_moments``) its piece of the moments. Removal (rank 0) is recorded and carried out by
     :func:`rebuild_without` once the schedule step is done.
     """
 
@@ -139,10 +139,17 @@ class MegatronOptimizerAdapter(OptimizerAdapter):
         """Collective over the data-parallel group with the distributed optimizer."""
         return self._main_copy(param).gather()["param"]
 
-    def replace(self, param, whole):
+    def replace(self, param, whole, remap=None):
+        """Collective over the data-parallel group with the distributed optimizer when ``remap`` is given."""
         copy = self._main_copy(param)
+        if remap is None:
+            copy.write_param(whole)
+            copy.reset_moments()
+            return
+        moments = copy.gather(MOMENTS)
+        del moments["param"]
         copy.write_param(whole)
-        copy.reset_moments()
+        copy.write_moments(remap(moments))
 
     def remove(self, params):
         self.removed.extend(params)
