@@ -19,8 +19,11 @@ if not torch.cuda.is_available() and not interpreter_active():
 
 from qvgen_kernels.attention import (QKPrep, attention_float64, quantize_qk_torch,  # noqa: E402
                                      quantized_attention_torch, sdpa)
-from qvgen_kernels.attention_triton import (AttentionConfig, quantize_k, quantize_q, quantize_v,  # noqa: E402
-                                            quantized_attention_triton)
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from qvgen_kernels.attention_triton import (AttentionConfig, _exp2_poly, quantize_k, quantize_q,  # noqa: E402
+                                            quantize_v, quantized_attention_triton)
 from qvgen_kernels.runtime_parts import apply_interleaved_rope  # noqa: E402
 from tests.numerics import max_rel_diff  # noqa: E402
 from tests.test_attention import cosine, qkv  # noqa: E402
@@ -207,3 +210,39 @@ def test_pipelined_key_loop_computes_the_same_attention(sk):
 def test_two_schedules_of_the_key_loop_are_refused():
     with pytest.raises(ValueError, match="choose one"):
         AttentionConfig(pipeline_qk=True, warp_specialize=True)
+
+
+@triton.jit
+def _exp2_poly_kernel(x_ptr, y_ptr, N: tl.constexpr):
+    i = tl.arange(0, N)
+    tl.store(y_ptr + i, _exp2_poly(tl.load(x_ptr + i)))
+
+
+def test_emulated_exp2_is_within_its_bound_over_the_logit_range():
+    """The cubic 2**x of AttentionConfig.emulate_exp2 against torch's, over the range the kernel feeds it
+    (log2(448) down to where 2**x vanishes in fp8): relative error <= 1e-4, and tiny below the clamp."""
+    x = torch.cat([torch.linspace(-124.9, 8.81, 4096), torch.tensor([-130.0, -1e30, 0.0, 0.5, -0.5, 1.0])])
+    n = 8192
+    x = torch.cat([x, torch.zeros(n - x.numel())]).to(DEVICE)
+    y = torch.empty_like(x)
+    _exp2_poly_kernel[(1,)](x, y, N=n)
+    ref = torch.exp2(x.double())
+    ok = x >= -125
+    assert float(((y.double() - ref).abs() / ref)[ok].max()) <= 1e-4
+    assert float(y[~ok].max()) <= 2.0 ** -124
+
+
+@pytest.mark.parametrize("sk", [96, 70], ids=["whole_blocks", "partial_last"])
+def test_emulated_exp2_attention_stays_on_the_reference(sk):
+    """Half of P from the cubic: the output moves by far less than fp8 P's own rounding, and stays at cosine >= 0.999
+    against float64 (with and without the pipelined key loop)."""
+    q, k, v = (t.to(DEVICE) for t in qkv(1, 70, sk, 2, 64, seed=8, scale=1.5))
+    plain = quantized_attention_triton(q, k, v, config=small(32))
+    exact = attention_float64(q, k, v)
+    for pipelined in (False, True):
+        cfg = AttentionConfig(block_m=32, block_n=32, num_warps=4, num_stages=2, emulate_exp2=True,
+                              pipeline_qk=pipelined)
+        got = quantized_attention_triton(q, k, v, config=cfg)
+        assert cosine(got, exact) >= 0.999
+        assert not torch.equal(got, plain), "emulate_exp2 changed nothing: the cubic is not in the kernel"
+        assert max_rel_diff(got, plain) <= 0.25 * max_rel_diff(plain, exact)

@@ -14,33 +14,39 @@ from quality import attention_quality, cosine
 from qvgen_kernels.attention import sdpa
 
 
-def bench_attention(out: dict, tiny: bool, save):
-    from qvgen_kernels.attention_triton import (AttentionConfig, attention_from_codes, default_config, quantize_k,
-                                                quantize_q, quantize_qkv)
+SHAPES = [("wan1.3b_self", 32760, 32760, 12, 128), ("wan14b_self", 32760, 32760, 40, 128),
+          ("wan14b_cross", 32760, 512, 40, 128), ("wan14b_720p_self", 75600, 75600, 40, 128),
+          ("cogvideox2b_joint", 17776, 17776, 30, 64)]
+TINY_SHAPES = [("wan_tiny_self", 100, 100, 2, 64), ("wan_tiny_cross", 100, 20, 2, 64)]
+# Tile sweeps per head dim: (block_m, block_n, warps, stages[, pv, warp_specialize, pipeline_qk, emulate_exp2]).
+# SageAttention's (128, 64, 8, 4) / (128, 64, 4, 3) included; 64-row tiles let 2-3 programs share an SM, so one's
+# softmax overlaps another's matrix work. Then the key-loop schedules, none measured yet: Triton's automatic warp
+# specialization, the hand-pipelined Q Kᵀ, half of exp2 on the FMA units, and the last two together.
+_SCHEDULES = [(128, 128, 8, 2, "fp8", True), (128, 128, 8, 3, "fp8", True), (64, 128, 4, 3, "fp8", True),
+              (128, 128, 8, 3, "fp8", False, True), (64, 128, 4, 3, "fp8", False, True),
+              (64, 128, 4, 2, "fp8", False, True),
+              (128, 128, 8, 3, "fp8", False, False, True), (64, 128, 4, 3, "fp8", False, False, True),
+              (128, 128, 8, 3, "fp8", False, True, True), (64, 128, 4, 3, "fp8", False, True, True)]
+SWEEPS = {128: [(128, 128, 8, 2), (128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 8, 3), (128, 64, 8, 4),
+                (64, 128, 4, 2), (64, 128, 4, 3), (64, 64, 4, 3)] + _SCHEDULES,
+          64: [(128, 128, 8, 3), (128, 128, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3)] + _SCHEDULES}
+SWEEP_SHAPES = [1, 4]     # wan14b_self (d = 128), cogvideox2b_joint (d = 64)
+TINY_SWEEPS = {64: [(32, 32, 4, 2), (16, 32, 4, 2), (32, 32, 4, 2, "fp8", True),     # block_n >= 32: fp8 P.V
+                    (32, 32, 4, 2, "fp8", False, True), (32, 32, 4, 2, "fp8", False, True, True)]}
+
+
+def _bench():
     from triton.testing import do_bench
-    shapes = [("wan1.3b_self", 32760, 32760, 12, 128), ("wan14b_self", 32760, 32760, 40, 128),
-              ("wan14b_cross", 32760, 512, 40, 128), ("wan14b_720p_self", 75600, 75600, 40, 128),
-              ("cogvideox2b_joint", 17776, 17776, 30, 64)]
-    # tile sweeps per head dim (SageAttention's (128, 64, 8, 4) / (128, 64, 4, 3) included; 64-row tiles let 2-3
-    # programs share an SM, so one's softmax overlaps another's matrix work); the last rows of each: Triton's
-    # automatic warp specialization of the key loop (AttentionConfig.warp_specialize), then the hand-pipelined Q Kᵀ
-    # (AttentionConfig.pipeline_qk); neither measured yet
-    ws = [(128, 128, 8, 2, "fp8", True), (128, 128, 8, 3, "fp8", True), (64, 128, 4, 3, "fp8", True),
-          (128, 128, 8, 2, "fp8", False, True), (128, 128, 8, 3, "fp8", False, True),
-          (64, 128, 4, 3, "fp8", False, True), (64, 128, 4, 2, "fp8", False, True)]
-    sweeps = {128: [(128, 128, 8, 2), (128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 8, 3), (128, 64, 8, 4),
-                    (64, 128, 4, 2), (64, 128, 4, 3), (64, 64, 4, 3)] + ws,
-              64: [(128, 128, 8, 3), (128, 128, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3)] + ws}
-    sweep_shapes = [1, 4]     # wan14b_self (d = 128), cogvideox2b_joint (d = 64)
-    if tiny:
-        shapes = [("wan_tiny_self", 100, 100, 2, 64), ("wan_tiny_cross", 100, 20, 2, 64)]
-        sweeps = {64: [(32, 32, 4, 2), (16, 32, 4, 2), (32, 32, 4, 2, "fp8", True),     # block_n >= 32: fp8 P.V
-                       (32, 32, 4, 2, "fp8", False, True)]}
-        sweep_shapes = [0]
-    bench = (lambda f: do_bench(f, warmup=3, rep=100, return_mode="median")) if DEVICE == "cuda" else \
+    return (lambda f: do_bench(f, warmup=3, rep=100, return_mode="median")) if DEVICE == "cuda" else \
         (lambda f: statistics.median(time_calls(f, 2)))
+
+
+def bench_attention(out: dict, tiny: bool, save):
+    """SDPA vs ours at each shape (default tiles)."""
+    from qvgen_kernels.attention_triton import attention_from_codes, default_config, quantize_k, quantize_q, quantize_qkv
+    bench = _bench()
     res = out.setdefault("attention", {})
-    for name, SQ, SK, H, D in shapes:
+    for name, SQ, SK, H, D in (TINY_SHAPES if tiny else SHAPES):
         gen = torch.Generator(device=DEVICE).manual_seed(SQ)
         q, k, v = (torch.randn(1, s, H, D, device=DEVICE, generator=gen).to(torch.bfloat16) for s in (SQ, SK, SK))
         row = dict(tokens=SQ, kv_tokens=SK, heads=H, head_dim=D, flop=4 * SQ * SK * H * D)
@@ -65,22 +71,33 @@ def bench_attention(out: dict, tiny: bool, save):
         print("attention", name, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
         save()
         q = k = v = None        # frees them (not ``del``: pyflakes reads the lambdas above as using deleted names)
-    for index in sweep_shapes:
+
+
+def bench_attention_sweep(out: dict, tiny: bool, save):
+    """The kernel alone at every tile shape and key-loop schedule of SWEEPS, at the Wan-14B and CogVideoX shapes."""
+    from qvgen_kernels.attention_triton import AttentionConfig, attention_from_codes, quantize_qkv
+    bench = _bench()
+    res = out.setdefault("attention", {})
+    shapes = TINY_SHAPES if tiny else SHAPES
+    for index in ([0] if tiny else SWEEP_SHAPES):
         name, SQ, SK, H, D = shapes[index]
         gen = torch.Generator(device=DEVICE).manual_seed(0)
         q, k, v = (torch.randn(1, s, H, D, device=DEVICE, generator=gen).to(torch.bfloat16) for s in (SQ, SK, SK))
         o = torch.empty_like(q)
+        ref = sdpa(q, k, v)
         sweep_res = []
-        for cfg in (AttentionConfig(*t) for t in sweeps[D]):
+        for cfg in (AttentionConfig(*t) for t in (TINY_SWEEPS if tiny else SWEEPS)[D]):
             try:
                 qkv = quantize_qkv(q, k, v, config=cfg)
-                sweep_res.append(dict(config=cfg.__dict__, kernel_ms=bench(lambda: attention_from_codes(qkv, o, cfg))))
+                ms = bench(lambda: attention_from_codes(qkv, o, cfg))
+                sweep_res.append(dict(config=cfg.__dict__, kernel_ms=ms,
+                                      cosine_vs_sdpa=cosine(attention_from_codes(qkv, o, cfg), ref)))
             except Exception as e:
                 sweep_res.append(dict(config=cfg.__dict__, error=repr(e)[:300]))
         res["sweep_" + name] = sweep_res
         print("attention sweep", name, sweep_res, flush=True)
         save()
-        q = k = v = None
+        q = k = v = ref = None
 
 
 def wan_preps(S: int, H: int, D: int):

@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))
-from bench_attention import bench_attention, bench_sage_attention  # noqa: E402
+from bench_attention import bench_attention, bench_attention_sweep, bench_sage_attention  # noqa: E402
 from bench_sampling import bench_sampling  # noqa: E402
 from bench_wan import breakdown, build  # noqa: E402
 from columns import COLUMNS, DEVICE, RUNTIMES, SAGE_COLUMNS, START, inputs, left, make, measure, sync  # noqa: E402
@@ -69,8 +69,8 @@ TINY = {
 }
 NEW_MODEL_COLUMNS = COLUMNS + SAGE_COLUMNS
 SAGE_MODELS = ("wan1.3b", "wan14b", "cogvideox2b")      # the sage section adds its columns to these rows
-SECTIONS = "attention,wan1.3b,quality,profile,wan14b,cogvideox2b,sage,sampling,wan14b_720p,cogvideox5b"
-SECTION_MIN_S = dict(sage=60, sampling=90, wan14b_720p=120, cogvideox5b=120)   # others: 20 s, as before
+SECTIONS = "attention,sweep,wan1.3b,quality,profile,wan14b,cogvideox2b,sage,sampling,wan14b_720p,cogvideox5b"
+SECTION_MIN_S = dict(sweep=60, sage=60, sampling=90, wan14b_720p=120, cogvideox5b=120)   # others: 20 s
 COMPILE_MIN_S = 150         # compile takes ~1 min, then the forwards
 
 
@@ -84,6 +84,8 @@ def bench_model(name: str, spec: dict, out: dict, budget: float, reps: int, save
 def run_section(section: str, args, out: dict, save):
     if section == "attention":
         bench_attention(out, args.tiny, save)
+    elif section == "sweep":
+        bench_attention_sweep(out, args.tiny, save)
     elif section in MODELS:
         columns = NEW_MODEL_COLUMNS if section in ("wan14b_720p", "cogvideox5b") else COLUMNS
         bench_model(section, MODELS[section], out, args.budget_s, args.reps, save, columns)

@@ -16,7 +16,8 @@ does not depend on the order of its terms as long as Q and K share it.
 Attention kernel: one program per (block of BLOCK_M queries, batch x head); Q codes stay in registers, K and Vᵀ
 tiles come through the tensor-memory accelerator, Q Kᵀ on int8 tensor cores (int32, exact). The int32 logits
 become float32 with a magic-number add (one integer and one float add instead of a slow conversion), the scales
-and the running max fold into one fused multiply-add a logit, exp2 yields P * 448 directly, and P in fp8 times Vᵀ
+and the running max fold into one fused multiply-add a logit, exp2 yields P * 448 directly (optionally half of
+it from a cubic on the FMA units: ``AttentionConfig.emulate_exp2``), and P in fp8 times Vᵀ
 in fp8 runs on fp8 tensor cores with a fresh accumulator a block, added into the float32 output accumulator.
 The key length is a compile-time constant (constant trip count for the pipeliner and for Triton's interpreter,
 whose loops cannot take run-time bounds under numpy >= 2.4); the query length is not.
@@ -57,6 +58,9 @@ class AttentionConfig:
     # Q Kᵀ of the next key block issued before this block's softmax (FlashAttention-3's intra-warpgroup overlap,
     # by hand; see the kernel). Off until measured on a GPU; exclusive with warp_specialize.
     pipeline_qk: bool = False
+    # Half of each block's exp2 by a cubic on the FMA units instead of the special-function unit (FlashAttention-4's
+    # trick; P is fp8, far coarser than the cubic's 7.5e-5). Off until measured on a GPU.
+    emulate_exp2: bool = False
 
     def __post_init__(self):
         if self.pv not in PV_DTYPES:
@@ -337,8 +341,32 @@ def quantize_v(v: torch.Tensor, pv: str = "fp8"):
 
 # ------------------------------------------------------------------------------------------ attention kernel
 @triton.jit
+def _exp2_poly(x):
+    """2**x on the FMA units: x = j + f (j integer, |f| <= 1/2), 2**f by a cubic (relative error 7.5e-5, far below
+    fp8 P's 2**-4 step), 2**j added to the exponent bits. x >= -125 (smaller -> 2**-125: 0 once P is fp8)."""
+    x = tl.maximum(x, -125.0)
+    t = x + 12582912.0                                         # 1.5 * 2**23: rounds x to an integer in the bits
+    f = x - (t - 12582912.0)
+    p = 0.99992807 + f * (0.693261 + f * (0.24261117 + f * 0.05517162))
+    e = (t.to(tl.int32, bitcast=True) - 0x4B400000) << 23
+    return (p.to(tl.int32, bitcast=True) + e).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _exp2_logits(x, EMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """exp2 of a block of logits; EMULATE: every other column on the FMA units (FlashAttention-4's trick), so the
+    special-function unit, whose exp2 rate equals the tensor cores' logit rate at d = 128, does half the work.
+    The column pairs split along a register bit of the MMA layout."""
+    if EMULATE:
+        a, b = tl.split(x.reshape([BLOCK_M, BLOCK_N // 2, 2]))
+        return tl.join(tl.math.exp2(a), _exp2_poly(b)).reshape([BLOCK_M, BLOCK_N])
+    return tl.math.exp2(x)
+
+
+@triton.jit
 def _attend_block(qk, vt, c, m_i, l_i, acc, col0, SK: tl.constexpr, BLOCK_N: tl.constexpr,
-                  MASK: tl.constexpr, PV_FP8: tl.constexpr, LOG2_P: tl.constexpr, EXACT_FP8: tl.constexpr):
+                  MASK: tl.constexpr, PV_FP8: tl.constexpr, LOG2_P: tl.constexpr, EXACT_FP8: tl.constexpr,
+                  EMULATE_EXP2: tl.constexpr, BLOCK_M: tl.constexpr):
     """Online softmax of one block of int32 logits ``qk`` (exact Q Kᵀ codes) and its P.V into ``acc``."""
     if MASK:             # the last, partial block: keys past SK (the next head's, or zeros) get -inf
         cols = col0 + tl.arange(0, BLOCK_N)
@@ -348,7 +376,7 @@ def _attend_block(qk, vt, c, m_i, l_i, acc, col0, SK: tl.constexpr, BLOCK_N: tl.
     else:                # float(qk) = bits(qk + magic) - 1.5 * 2**23, folded into the per-row constant
         m_new = tl.maximum(m_i, tl.max(qk, 1).to(tl.float32) * c)
         f = (qk + 0x4B400000).to(tl.float32, bitcast=True)
-        p = tl.math.exp2(f * c[:, None] - (m_new - LOG2_P + 12582912.0 * c)[:, None])
+        p = _exp2_logits(f * c[:, None] - (m_new - LOG2_P + 12582912.0 * c)[:, None], EMULATE_EXP2, BLOCK_M, BLOCK_N)
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     if PV_FP8:
@@ -364,7 +392,8 @@ def _attention_kernel(q_desc, k_desc, v_desc, q_scale_ptr, k_scale_ptr, v_scale_
                       stride_ob, stride_os, stride_oh,
                       H: tl.constexpr, SK: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, PV_FP8: tl.constexpr, LOG2_P: tl.constexpr,
-                      EXACT_FP8: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, PIPELINE_QK: tl.constexpr):
+                      EXACT_FP8: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, PIPELINE_QK: tl.constexpr,
+                      EMULATE_EXP2: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -385,13 +414,13 @@ def _attention_kernel(q_desc, k_desc, v_desc, q_scale_ptr, k_scale_ptr, v_scale_
             vt = v_desc.load([bh * D, j * BLOCK_N])
             c = qs * tl.load(k_scale_ptr + bh * NBLK + j)
             m_i, l_i, acc = _attend_block(qk, vt, c, m_i, l_i, acc, j * BLOCK_N, SK, BLOCK_N, False, PV_FP8,
-                                          LOG2_P, EXACT_FP8)
+                                          LOG2_P, EXACT_FP8, EMULATE_EXP2, BLOCK_M)
             qk = qk_next
         j_last: tl.constexpr = NBLK - 1
         vt = v_desc.load([bh * D, j_last * BLOCK_N])
         c = qs * tl.load(k_scale_ptr + bh * NBLK + j_last)
         m_i, l_i, acc = _attend_block(qk, vt, c, m_i, l_i, acc, j_last * BLOCK_N, SK, BLOCK_N, SK % BLOCK_N != 0,
-                                      PV_FP8, LOG2_P, EXACT_FP8)
+                                      PV_FP8, LOG2_P, EXACT_FP8, EMULATE_EXP2, BLOCK_M)
     else:
         for j in tl.range(0, SK // BLOCK_N, warp_specialize=WARP_SPECIALIZE):
             k = k_desc.load([bh * SK + j * BLOCK_N, 0])
@@ -399,7 +428,7 @@ def _attention_kernel(q_desc, k_desc, v_desc, q_scale_ptr, k_scale_ptr, v_scale_
             c = qs * tl.load(k_scale_ptr + bh * NBLK + j)
             qk = tl.dot(q, k.T, out_dtype=tl.int32)                   # exact
             m_i, l_i, acc = _attend_block(qk, vt, c, m_i, l_i, acc, j * BLOCK_N, SK, BLOCK_N, False, PV_FP8,
-                                          LOG2_P, EXACT_FP8)
+                                          LOG2_P, EXACT_FP8, EMULATE_EXP2, BLOCK_M)
         if SK % BLOCK_N != 0:
             j_last2: tl.constexpr = SK // BLOCK_N
             k = k_desc.load([bh * SK + j_last2 * BLOCK_N, 0])
@@ -407,7 +436,7 @@ def _attention_kernel(q_desc, k_desc, v_desc, q_scale_ptr, k_scale_ptr, v_scale_
             c = qs * tl.load(k_scale_ptr + bh * NBLK + j_last2)
             qk = tl.dot(q, k.T, out_dtype=tl.int32)
             m_i, l_i, acc = _attend_block(qk, vt, c, m_i, l_i, acc, j_last2 * BLOCK_N, SK, BLOCK_N, True, PV_FP8,
-                                          LOG2_P, EXACT_FP8)
+                                          LOG2_P, EXACT_FP8, EMULATE_EXP2, BLOCK_M)
     d = tl.arange(0, D)
     vs = tl.load(v_scale_ptr + bh * D + d)
     out = acc * vs[None, :] / l_i[:, None]
@@ -468,7 +497,7 @@ def attention_from_codes(qkv: QuantizedQKV, out: torch.Tensor,
                             out.stride(0), out.stride(1), out.stride(2), H=H, SK=SK, D=D, BLOCK_M=cfg.block_m,
                             BLOCK_N=cfg.block_n, PV_FP8=cfg.pv == "fp8", LOG2_P=LOG2_P_SCALE,
                             EXACT_FP8=interpreter_requested(), WARP_SPECIALIZE=cfg.warp_specialize,
-                            PIPELINE_QK=cfg.pipeline_qk,
+                            PIPELINE_QK=cfg.pipeline_qk, EMULATE_EXP2=cfg.emulate_exp2,
                             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
