@@ -21,6 +21,7 @@ class TrainConfig:
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
     warmup_fraction: float = 0.1
+    # The cosine ends at lr * min_lr_ratio (1: constant lr after the warm-up).
     min_lr_ratio: float = 0.0
     clip_grad: float = 1.0
     # "bf16" (bf16 params, fp32 main params in the optimizer) or "fp32".
@@ -77,6 +78,9 @@ class TrainConfig:
             raise ConfigError(f"train.precision must be 'bf16' or 'fp32', got {self.precision!r}")
         if not 0.0 <= self.warmup_fraction < 1.0:
             raise ConfigError(f"train.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"train.min_lr_ratio must be in [0, 1] (1: constant after the warm-up), "
+                              f"got {self.min_lr_ratio}")
         for name in ("lr", "aux_lr", "act_clip_lr"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0")
