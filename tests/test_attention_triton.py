@@ -196,22 +196,6 @@ def test_warp_specialized_key_loop_computes_the_same_attention():
     assert torch.allclose(specialized.float(), plain.float(), rtol=1e-3, atol=1e-3)
 
 
-@pytest.mark.parametrize("sk", [96, 70, 20], ids=["whole_blocks", "partial_last", "one_block"])
-def test_pipelined_key_loop_computes_the_same_attention(sk):
-    """AttentionConfig.pipeline_qk issues the next block's Q Kᵀ before this block's softmax: the same operations
-    on the same operands in the same order of accumulation, so the same output bit for bit (interpreter and GPU)."""
-    q, k, v = (t.to(DEVICE) for t in qkv(1, 70, sk, 2, 64, seed=6))
-    plain = quantized_attention_triton(q, k, v, config=small(32))
-    pipelined = quantized_attention_triton(
-        q, k, v, config=AttentionConfig(block_m=32, block_n=32, num_warps=4, num_stages=2, pipeline_qk=True))
-    assert torch.equal(pipelined, plain)
-
-
-def test_two_schedules_of_the_key_loop_are_refused():
-    with pytest.raises(ValueError, match="choose one"):
-        AttentionConfig(pipeline_qk=True, warp_specialize=True)
-
-
 @triton.jit
 def _exp2_poly_kernel(x_ptr, y_ptr, N: tl.constexpr):
     i = tl.arange(0, N)
@@ -235,14 +219,12 @@ def test_emulated_exp2_is_within_its_bound_over_the_logit_range():
 @pytest.mark.parametrize("sk", [96, 70], ids=["whole_blocks", "partial_last"])
 def test_emulated_exp2_attention_stays_on_the_reference(sk):
     """Half of P from the cubic: the output moves by far less than fp8 P's own rounding, and stays at cosine >= 0.999
-    against float64 (with and without the pipelined key loop)."""
+    against float64."""
     q, k, v = (t.to(DEVICE) for t in qkv(1, 70, sk, 2, 64, seed=8, scale=1.5))
     plain = quantized_attention_triton(q, k, v, config=small(32))
     exact = attention_float64(q, k, v)
-    for pipelined in (False, True):
-        cfg = AttentionConfig(block_m=32, block_n=32, num_warps=4, num_stages=2, emulate_exp2=True,
-                              pipeline_qk=pipelined)
-        got = quantized_attention_triton(q, k, v, config=cfg)
-        assert cosine(got, exact) >= 0.999
-        assert not torch.equal(got, plain), "emulate_exp2 changed nothing: the cubic is not in the kernel"
-        assert max_rel_diff(got, plain) <= 0.25 * max_rel_diff(plain, exact)
+    cfg = AttentionConfig(block_m=32, block_n=32, num_warps=4, num_stages=2, emulate_exp2=True)
+    got = quantized_attention_triton(q, k, v, config=cfg)
+    assert cosine(got, exact) >= 0.999
+    assert not torch.equal(got, plain), "emulate_exp2 changed nothing: the cubic is not in the kernel"
+    assert max_rel_diff(got, plain) <= 0.25 * max_rel_diff(plain, exact)

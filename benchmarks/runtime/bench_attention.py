@@ -11,6 +11,7 @@ import torch
 from columns import DEVICE, time_calls
 from quality import attention_quality, cosine
 
+from attention_sweep import SWEEP_SHAPES, SWEEPS, TINY_SWEEPS
 from qvgen_kernels.attention import sdpa
 
 
@@ -18,23 +19,6 @@ SHAPES = [("wan1.3b_self", 32760, 32760, 12, 128), ("wan14b_self", 32760, 32760,
           ("wan14b_cross", 32760, 512, 40, 128), ("wan14b_720p_self", 75600, 75600, 40, 128),
           ("cogvideox2b_joint", 17776, 17776, 30, 64)]
 TINY_SHAPES = [("wan_tiny_self", 100, 100, 2, 64), ("wan_tiny_cross", 100, 20, 2, 64)]
-# Tile sweeps per head dim: (block_m, block_n, warps, stages[, pv, warp_specialize, pipeline_qk, emulate_exp2]).
-# SageAttention's (128, 64, 8, 4) / (128, 64, 4, 3) included; 64-row tiles let 2-3 programs share an SM, so one's
-# softmax overlaps another's matrix work. Then the key-loop schedules, none measured yet: Triton's automatic warp
-# specialization, the hand-pipelined Q Kᵀ, half of exp2 on the FMA units, and the last two together.
-_SCHEDULES = [(128, 128, 8, 2, "fp8", True), (128, 128, 8, 3, "fp8", True), (64, 128, 4, 3, "fp8", True),
-              (128, 128, 8, 3, "fp8", False, True), (64, 128, 4, 3, "fp8", False, True),
-              (64, 128, 4, 2, "fp8", False, True),
-              (128, 128, 8, 3, "fp8", False, False, True), (64, 128, 4, 3, "fp8", False, False, True),
-              (128, 128, 8, 3, "fp8", False, True, True), (64, 128, 4, 3, "fp8", False, True, True)]
-SWEEPS = {128: [(128, 128, 8, 2), (128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 8, 3), (128, 64, 8, 4),
-                (64, 128, 4, 2), (64, 128, 4, 3), (64, 64, 4, 3)] + _SCHEDULES,
-          64: [(128, 128, 8, 3), (128, 128, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3)] + _SCHEDULES}
-SWEEP_SHAPES = [1, 4]     # wan14b_self (d = 128), cogvideox2b_joint (d = 64)
-TINY_SWEEPS = {64: [(32, 32, 4, 2), (16, 32, 4, 2), (32, 32, 4, 2, "fp8", True),     # block_n >= 32: fp8 P.V
-                    (32, 32, 4, 2, "fp8", False, True), (32, 32, 4, 2, "fp8", False, True, True)]}
-
-
 def _bench():
     from triton.testing import do_bench
     return (lambda f: do_bench(f, warmup=3, rep=100, return_mode="median")) if DEVICE == "cuda" else \

@@ -51,13 +51,10 @@ class AttentionConfig:
     num_warps: int = 8
     num_stages: int = 3
     pv: str = "fp8"
-    # Triton's automatic warp specialization of the key loop (3.6 has a Hopper pass: TMA loads in a producer warp
-    # group, the products and softmax in consumer groups): the overlap the lockstep loop lacks. Off until the tile
-    # sweep of benchmarks/runtime measures it on a GPU.
+    # Triton's automatic warp specialization of the key loop. Compiled for sm_90a (benchmarks/runtime/sm90_report.py)
+    # Triton 3.6 specializes 4-warp tiles only, into a TMA producer and two consumer warp groups that each compute
+    # the same tile (twice the tensor-core work); 8-warp tiles compile unspecialized. Off; kept for the GPU sweep.
     warp_specialize: bool = False
-    # Q Kᵀ of the next key block issued before this block's softmax (FlashAttention-3's intra-warpgroup overlap,
-    # by hand; see the kernel). Off until measured on a GPU; exclusive with warp_specialize.
-    pipeline_qk: bool = False
     # Half of each block's exp2 by a cubic on the FMA units instead of the special-function unit (FlashAttention-4's
     # trick; P is fp8, far coarser than the cubic's 7.5e-5). Off until measured on a GPU.
     emulate_exp2: bool = False
@@ -69,9 +66,6 @@ class AttentionConfig:
             v = getattr(self, name)
             if v < 16 or v > 256 or v & (v - 1):   # a TMA box side is at most 256
                 raise ValueError(f"AttentionConfig.{name} must be a power of two in [16, 256], got {v}")
-        if self.pipeline_qk and self.warp_specialize:
-            raise ValueError("AttentionConfig: pipeline_qk and warp_specialize are two schedules of the key loop; "
-                             "choose one")
         if self.pv == "fp8" and self.block_n < 32:   # block_n is the K of the P.V product (found on an H200)
             raise ValueError(f"AttentionConfig: fp8 P.V needs block_n >= 32 (fp8 tensor-core products take K >= 32), "
                              f"got {self.block_n}; use pv='fp16' for smaller tiles")
@@ -392,8 +386,7 @@ def _attention_kernel(q_desc, k_desc, v_desc, q_scale_ptr, k_scale_ptr, v_scale_
                       stride_ob, stride_os, stride_oh,
                       H: tl.constexpr, SK: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, PV_FP8: tl.constexpr, LOG2_P: tl.constexpr,
-                      EXACT_FP8: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, PIPELINE_QK: tl.constexpr,
-                      EMULATE_EXP2: tl.constexpr):
+                      EXACT_FP8: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, EMULATE_EXP2: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -404,39 +397,21 @@ def _attention_kernel(q_desc, k_desc, v_desc, q_scale_ptr, k_scale_ptr, v_scale_
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    if PIPELINE_QK:
-        # FlashAttention-3's intra-warpgroup overlap, written out: block j+1's Q Kᵀ is issued before block j's
-        # softmax, so the (asynchronous) tensor-core product runs under the exponentials; its result is only read
-        # in the next iteration. Every block once; the last one (masked if partial) after the loop.
-        qk = tl.dot(q, k_desc.load([bh * SK, 0]).T, out_dtype=tl.int32)
-        for j in tl.range(0, NBLK - 1):
-            qk_next = tl.dot(q, k_desc.load([bh * SK + (j + 1) * BLOCK_N, 0]).T, out_dtype=tl.int32)
-            vt = v_desc.load([bh * D, j * BLOCK_N])
-            c = qs * tl.load(k_scale_ptr + bh * NBLK + j)
-            m_i, l_i, acc = _attend_block(qk, vt, c, m_i, l_i, acc, j * BLOCK_N, SK, BLOCK_N, False, PV_FP8,
-                                          LOG2_P, EXACT_FP8, EMULATE_EXP2, BLOCK_M)
-            qk = qk_next
-        j_last: tl.constexpr = NBLK - 1
+    for j in tl.range(0, SK // BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+        k = k_desc.load([bh * SK + j * BLOCK_N, 0])
+        vt = v_desc.load([bh * D, j * BLOCK_N])
+        c = qs * tl.load(k_scale_ptr + bh * NBLK + j)
+        qk = tl.dot(q, k.T, out_dtype=tl.int32)                   # exact
+        m_i, l_i, acc = _attend_block(qk, vt, c, m_i, l_i, acc, j * BLOCK_N, SK, BLOCK_N, False, PV_FP8,
+                                      LOG2_P, EXACT_FP8, EMULATE_EXP2, BLOCK_M)
+    if SK % BLOCK_N != 0:
+        j_last: tl.constexpr = SK // BLOCK_N
+        k = k_desc.load([bh * SK + j_last * BLOCK_N, 0])
         vt = v_desc.load([bh * D, j_last * BLOCK_N])
         c = qs * tl.load(k_scale_ptr + bh * NBLK + j_last)
-        m_i, l_i, acc = _attend_block(qk, vt, c, m_i, l_i, acc, j_last * BLOCK_N, SK, BLOCK_N, SK % BLOCK_N != 0,
-                                      PV_FP8, LOG2_P, EXACT_FP8, EMULATE_EXP2, BLOCK_M)
-    else:
-        for j in tl.range(0, SK // BLOCK_N, warp_specialize=WARP_SPECIALIZE):
-            k = k_desc.load([bh * SK + j * BLOCK_N, 0])
-            vt = v_desc.load([bh * D, j * BLOCK_N])
-            c = qs * tl.load(k_scale_ptr + bh * NBLK + j)
-            qk = tl.dot(q, k.T, out_dtype=tl.int32)                   # exact
-            m_i, l_i, acc = _attend_block(qk, vt, c, m_i, l_i, acc, j * BLOCK_N, SK, BLOCK_N, False, PV_FP8,
-                                          LOG2_P, EXACT_FP8, EMULATE_EXP2, BLOCK_M)
-        if SK % BLOCK_N != 0:
-            j_last2: tl.constexpr = SK // BLOCK_N
-            k = k_desc.load([bh * SK + j_last2 * BLOCK_N, 0])
-            vt = v_desc.load([bh * D, j_last2 * BLOCK_N])
-            c = qs * tl.load(k_scale_ptr + bh * NBLK + j_last2)
-            qk = tl.dot(q, k.T, out_dtype=tl.int32)
-            m_i, l_i, acc = _attend_block(qk, vt, c, m_i, l_i, acc, j_last2 * BLOCK_N, SK, BLOCK_N, True, PV_FP8,
-                                          LOG2_P, EXACT_FP8, EMULATE_EXP2, BLOCK_M)
+        qk = tl.dot(q, k.T, out_dtype=tl.int32)
+        m_i, l_i, acc = _attend_block(qk, vt, c, m_i, l_i, acc, j_last * BLOCK_N, SK, BLOCK_N, True, PV_FP8,
+                                      LOG2_P, EXACT_FP8, EMULATE_EXP2, BLOCK_M)
     d = tl.arange(0, D)
     vs = tl.load(v_scale_ptr + bh * D + d)
     out = acc * vs[None, :] / l_i[:, None]
@@ -497,7 +472,7 @@ def attention_from_codes(qkv: QuantizedQKV, out: torch.Tensor,
                             out.stride(0), out.stride(1), out.stride(2), H=H, SK=SK, D=D, BLOCK_M=cfg.block_m,
                             BLOCK_N=cfg.block_n, PV_FP8=cfg.pv == "fp8", LOG2_P=LOG2_P_SCALE,
                             EXACT_FP8=interpreter_requested(), WARP_SPECIALIZE=cfg.warp_specialize,
-                            PIPELINE_QK=cfg.pipeline_qk, EMULATE_EXP2=cfg.emulate_exp2,
+                            EMULATE_EXP2=cfg.emulate_exp2,
                             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 

@@ -1,0 +1,228 @@
+"""What Triton makes of the attention kernel for Hopper (sm_90a), read on a machine without a GPU.
+
+Triton compiles for a named target without a driver, and its wheel carries ``ptxas`` and ``nvdisasm``: the cubin a
+lent H100 / H200 would run (same Triton, same ptxas) can be built and read on the CPU. For each tile config and
+key-loop schedule of the benchmark's sweep this reports
+- registers a thread and spill bytes (``ptxas -v``), shared memory;
+- whether Triton warp-specialized the key loop, and its partitions (warps, products, exponentials, TMA copies);
+- in the key loop's SASS (the innermost loop holding both products): instructions, ``MUFU.EX2`` (exp2 on the
+  special-function unit), ``FFMA``, the int8 Q.K and fp8 P.V tensor-core products (``IGMMA`` / ``QGMMA``), and how
+  many exponentials run between a product's issue and the wait for it (0: the loop runs in lockstep).
+It says nothing about time: that needs the GPU (``bench_runtime.py --sections sweep``); it does say which schedules
+compile to what they were written for, before device time is spent on them.
+
+    python benchmarks/runtime/sm90_report.py [--json OUT] [--head-dims 128 64] [--kv-tokens 32760] [--all]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "kernels"))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from qvgen_kernels.attention import LOG2_P_SCALE  # noqa: E402
+from qvgen_kernels.attention_triton import AttentionConfig, _attention_kernel, default_config  # noqa: E402
+
+HOPPER = GPUTarget("cuda", 90, 32)
+_ALIGNED = ("q_scale_ptr", "k_scale_ptr", "v_scale_ptr", "o_ptr", "stride_ob", "stride_os", "stride_oh")
+
+
+def toolchain() -> Dict[str, Path]:
+    """ptxas and nvdisasm of Triton's NVIDIA backend (shipped in its wheel)."""
+    from triton.backends import nvidia
+    bin_dir = Path(nvidia.__file__).parent / "bin"
+    tools = {name: bin_dir / name for name in ("ptxas", "nvdisasm")}
+    missing = [str(p) for p in tools.values() if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"Triton's NVIDIA toolchain is not installed here: {', '.join(missing)}")
+    return tools
+
+
+def compile_attention(cfg: AttentionConfig, head_dim: int, kv_tokens: int, heads: int = 12):
+    """The attention kernel as launched with ``cfg`` on [B, S, heads, head_dim] operands, compiled for sm_90a."""
+    bm, bn, d = cfg.block_m, cfg.block_n, head_dim
+    pv = "fp8e4nv" if cfg.pv == "fp8" else "fp16"
+    types = {"q_desc": f"tensordesc<i8[{bm}, {d}]>", "k_desc": f"tensordesc<i8[{bn}, {d}]>",
+             "v_desc": f"tensordesc<{pv}[{d}, {bn}]>", "q_scale_ptr": "*fp32", "k_scale_ptr": "*fp32",
+             "v_scale_ptr": "*fp32", "o_ptr": "*bf16", "SQ": "i32", "stride_ob": "i32", "stride_os": "i32",
+             "stride_oh": "i32"}
+    constants = dict(H=heads, SK=kv_tokens, D=d, BLOCK_M=bm, BLOCK_N=bn, PV_FP8=cfg.pv == "fp8",
+                     LOG2_P=LOG2_P_SCALE, EXACT_FP8=False, WARP_SPECIALIZE=cfg.warp_specialize,
+                     EMULATE_EXP2=cfg.emulate_exp2)
+    names = _attention_kernel.arg_names
+    unknown = [n for n in names if n not in types and n not in constants]
+    if unknown:
+        raise KeyError(f"sm90_report does not know the attention kernel's arguments {unknown}: update compile_attention")
+    signature = {n: types.get(n, "constexpr") for n in names}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in _ALIGNED}
+    src = ASTSource(_attention_kernel, signature, constexprs=constants, attrs=attrs)
+    return triton.compile(src, target=HOPPER, options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+
+
+def ptxas_usage(ptx: str) -> Dict[str, int]:
+    out = subprocess.run([str(toolchain()["ptxas"]), "-arch=sm_90a", "-v", "-o", "/dev/null", "-"], input=ptx,
+                         capture_output=True, text=True, check=True).stderr
+    grab = lambda pattern: int(re.search(pattern, out).group(1))  # noqa: E731
+    return dict(registers=grab(r"Used (\d+) registers"), spill_stores=grab(r"(\d+) bytes spill stores"),
+                spill_loads=grab(r"(\d+) bytes spill loads"))
+
+
+def sass(cubin: bytes) -> List[tuple]:
+    """[(address, opcode, operands, predicate)] with ('label', name) entries where branches land."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([str(toolchain()["nvdisasm"]), "-c", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    out = []
+    for line in text.splitlines():
+        m = re.match(r"\s*/\*([0-9a-f]+)\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_.]+)(.*)", line)
+        if m:
+            out.append((int(m.group(1), 16), m.group(3), m.group(4), (m.group(2) or "").strip()))
+        elif re.match(r"^\.L_x_\d+:", line):
+            out.append(("label", line.strip().rstrip(":")))
+    return out
+
+
+def key_loop(code: List[tuple]) -> List[tuple]:
+    """The innermost loop holding both tensor-core products; [] if none. A loop ends in a conditional backward
+    branch: the unconditional ones are the out-of-line retry stubs of the barrier waits jumping back."""
+    where, best = {}, []
+    for i, entry in enumerate(code):
+        if entry[0] == "label":
+            nxt = next((e for e in code[i + 1:] if e[0] != "label"), None)
+            if nxt:
+                where[entry[1]] = nxt[0]
+    body = [e for e in code if e[0] != "label"]
+    for addr, op, rest, predicate in body:
+        target = re.search(r"\((\.L_x_\d+)\)", rest) if op == "BRA" and predicate else None
+        if target and where.get(target.group(1), addr + 1) < addr:
+            loop = [e for e in body if where[target.group(1)] <= e[0] <= addr]
+            ops = [e[1] for e in loop]
+            has_both = any(o.startswith("IGMMA") for o in ops) and any(o.startswith(("QGMMA", "HGMMA")) for o in ops)
+            if has_both and (not best or len(loop) < len(best)):
+                best = loop
+    return best
+
+
+def loop_stats(loop: List[tuple]) -> Dict[str, int]:
+    ops = [e[1] for e in loop]
+    between, open_product = 0, False
+    for op, rest in ((e[1], e[2]) for e in loop):
+        if "GMMA" in op and "gsb0" in rest:
+            open_product = True
+        elif op.startswith("WARPGROUP.DEPBAR"):
+            open_product = False
+        elif open_product and op == "MUFU.EX2":
+            between += 1
+    count = lambda prefix: sum(o.startswith(prefix) for o in ops)  # noqa: E731
+    return dict(instructions=len(ops), mufu_ex2=count("MUFU.EX2"), ffma=count("FFMA"), igmma=count("IGMMA"),
+                qgmma=count("QGMMA") + count("HGMMA"), bar_sync=count("BAR.SYNC"),
+                exp2_under_products=between, local_memory=count("STL") + count("LDL"))
+
+
+def warp_partitions(ttgir: str) -> Optional[List[Dict[str, int]]]:
+    """Triton's warp specialization of the kernel: the default region and each partition; None if not specialized."""
+    if "ttg.warp_specialize(" not in ttgir:
+        return None
+    rest = ttgir[ttgir.index("ttg.warp_specialize("):]
+    pieces = re.split(r"\n\s*partition\d+\(", rest)
+    out = []
+    for i, piece in enumerate(pieces):
+        warps = re.search(r"num_warps\((\d+)\)", piece) if i else None
+        out.append(dict(name="default" if i == 0 else f"partition{i - 1}", warps=int(warps.group(1)) if warps else 0,
+                        products=piece.count("warp_group_dot "), exp2=piece.count("math.exp2"),
+                        tma_copies=piece.count("async_tma_copy_global_to_local")))
+    return out
+
+
+@dataclass
+class KernelReport:
+    config: Dict
+    head_dim: int
+    registers: int = 0
+    spill_stores: int = 0
+    spill_loads: int = 0
+    shared_bytes: int = 0
+    partitions: Optional[List[Dict[str, int]]] = None
+    key_loop: Dict[str, int] = field(default_factory=dict)
+    error: Optional[str] = None
+
+
+def report(cfg: AttentionConfig, head_dim: int, kv_tokens: int) -> KernelReport:
+    rep = KernelReport(config=asdict(cfg), head_dim=head_dim)
+    try:
+        kernel = compile_attention(cfg, head_dim, kv_tokens)
+    except Exception as exc:     # a config Triton cannot build for Hopper is a result, not a crash
+        rep.error = repr(exc)[:300]
+        return rep
+    rep.__dict__.update(ptxas_usage(kernel.asm["ptx"]))
+    rep.shared_bytes = kernel.metadata.shared
+    rep.partitions = warp_partitions(kernel.asm["ttgir"])
+    rep.key_loop = loop_stats(key_loop(sass(kernel.asm["cubin"])))
+    return rep
+
+
+def sweep_configs(head_dim: int, everything: bool) -> List[AttentionConfig]:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from attention_sweep import SWEEPS
+    rows = SWEEPS[head_dim] if everything else [t for t in SWEEPS[head_dim] if len(t) > 4]
+    configs = [default_config(head_dim)] + [AttentionConfig(*t) for t in rows]
+    return list(dict.fromkeys(configs))
+
+
+def row(rep: KernelReport) -> str:
+    c = rep.config
+    name = (f"{c['block_m']}x{c['block_n']}, {c['num_warps']} warps, {c['num_stages']} stages"
+            + (", warp_specialize" if c["warp_specialize"] else "") + (", emulate_exp2" if c["emulate_exp2"] else ""))
+    if rep.error:
+        return f"| d={rep.head_dim} {name} | error: {rep.error} |||||"
+    parts = ("no" if rep.partitions is None else
+             " + ".join(f"{p['name']}({p['warps']}w: {p['products']} mma, {p['exp2']} exp2, {p['tma_copies']} tma)"
+                        for p in rep.partitions))
+    k = rep.key_loop
+    return (f"| d={rep.head_dim} {name} | {rep.registers} / {rep.spill_stores} B | {rep.shared_bytes // 1024} KiB | "
+            f"{parts} | {k.get('instructions')} instr, {k.get('mufu_ex2')} MUFU.EX2, {k.get('ffma')} FFMA, "
+            f"{k.get('igmma')} IGMMA + {k.get('qgmma')} QGMMA, {k.get('bar_sync')} BAR.SYNC | "
+            f"{k.get('exp2_under_products')} |")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--head-dims", type=int, nargs="+", default=[128, 64])
+    p.add_argument("--kv-tokens", type=int, default=32760)
+    p.add_argument("--all", action="store_true", help="every row of the sweep, not only the default and the schedules")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    from qvgen_kernels.triton_env import interpreter_active
+    if interpreter_active():
+        p.error("TRITON_INTERPRET is set: the kernels are decorated for the interpreter and cannot be compiled")
+    print(f"triton {triton.__version__}, target sm_90a, {args.kv_tokens} keys")
+    print("| kernel | registers / spill | shared | warp specialization | key loop (per thread) "
+          "| exp2 under a product |\n|---|---|---|---|---|---|")
+    reports = []
+    for d in args.head_dims:
+        for cfg in sweep_configs(d, args.all):
+            reports.append(report(cfg, d, args.kv_tokens))
+            print(row(reports[-1]), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(triton=triton.__version__, target="sm_90a",
+                                                   kv_tokens=args.kv_tokens, kernels=[asdict(r) for r in reports]),
+                                              indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""The attention kernel as Triton builds it for Hopper (sm_90a), compiled and disassembled on the CPU with the
+toolchain in Triton's wheel (benchmarks/runtime/sm90_report.py): the default tiles fit in registers without spilling
+and their key loop holds the products and exponentials the code asks for; ``emulate_exp2`` moves half of the
+exponentials off the special-function unit. No GPU needed: the cubin is the one a lent H100 / H200 would run."""
+import pytest
+
+from qvgen_kernels.triton_env import interpreter_active
+from tests.scripts import load_script
+
+if interpreter_active():
+    pytest.skip("the kernels are decorated for Triton's interpreter in this process: nothing to compile",
+                allow_module_level=True)
+report = load_script("benchmarks/runtime/sm90_report.py")
+try:
+    report.toolchain()
+except FileNotFoundError as exc:          # a Triton wheel without its NVIDIA backend
+    pytest.skip(str(exc), allow_module_level=True)
+
+from qvgen_kernels.attention_triton import AttentionConfig, default_config  # noqa: E402
+
+
+def _exp2_per_thread(cfg):
+    return cfg.block_m * cfg.block_n // (32 * cfg.num_warps)
+
+
+@pytest.mark.parametrize("head_dim", [128, 64])
+def test_default_tiles_build_for_hopper_without_spills(head_dim):
+    cfg = default_config(head_dim)
+    rep = report.report(cfg, head_dim, kv_tokens=32760)
+    assert rep.error is None, rep.error
+    assert rep.spill_stores == 0 and rep.spill_loads == 0, f"{rep.registers} registers, spills {rep.spill_stores} B"
+    loop = rep.key_loop
+    assert loop["igmma"] == head_dim // 32 and loop["qgmma"] == cfg.block_n // 32, loop   # Q.K int8, P.V fp8, K = 32
+    # one exp2 per logit of the thread's share, plus the running-max rescale of its rows
+    assert _exp2_per_thread(cfg) <= loop["mufu_ex2"] <= _exp2_per_thread(cfg) + 4, loop
+    assert loop["local_memory"] == 0
+
+
+def test_emulated_exp2_moves_half_the_exponentials_to_the_fma_units():
+    base = report.report(AttentionConfig(64, 128, 4, 3), 128, kv_tokens=32760)
+    emulated = report.report(AttentionConfig(64, 128, 4, 3, emulate_exp2=True), 128, kv_tokens=32760)
+    assert emulated.error is None and emulated.spill_stores == 0
+    half = _exp2_per_thread(AttentionConfig(64, 128, 4, 3)) // 2
+    assert emulated.key_loop["mufu_ex2"] == base.key_loop["mufu_ex2"] - half
+    assert emulated.key_loop["ffma"] >= base.key_loop["ffma"] + 3 * half        # the cubic: three FMAs an element
