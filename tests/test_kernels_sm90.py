@@ -43,3 +43,9 @@ def test_emulated_exp2_moves_half_the_exponentials_to_the_fma_units():
     half = _exp2_per_thread(AttentionConfig(64, 128, 4, 3)) // 2
     assert emulated.key_loop["mufu_ex2"] == base.key_loop["mufu_ex2"] - half
     assert emulated.key_loop["ffma"] >= base.key_loop["ffma"] + 3 * half        # the cubic: three FMAs an element
+
+
+@pytest.mark.parametrize("N,K,epilogue", [(1536, 1536, None), (8960, 1536, "gelu_tanh")])
+def test_default_int8_gemm_builds_for_hopper_without_spills_in_its_k_loop(N, K, epilogue):
+    g = report.gemm_report("wan1.3b", 32760, N, K, epilogue)
+    assert g["k_loop_instructions"] > 0 and g["spill_instructions_in_k_loop"] == 0, g

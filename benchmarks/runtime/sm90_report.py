@@ -1,4 +1,4 @@
-"""What Triton makes of the attention kernel for Hopper (sm_90a), read on a machine without a GPU.
+"""What Triton makes of the attention kernel and the W4A4 GEMM for Hopper (sm_90a), read without a GPU.
 
 Triton compiles for a named target without a driver, and its wheel carries ``ptxas`` and ``nvdisasm``: the cubin a
 lent H100 / H200 would run (same Triton, same ptxas) can be built and read on the CPU. For each tile config and
@@ -8,8 +8,10 @@ key-loop schedule of the benchmark's sweep this reports
 - in the key loop's SASS (the innermost loop holding both products): instructions, ``MUFU.EX2`` (exp2 on the
   special-function unit), ``FFMA``, the int8 Q.K and fp8 P.V tensor-core products (``IGMMA`` / ``QGMMA``), and how
   many exponentials run between a product's issue and the wait for it (0: the loop runs in lockstep).
-It says nothing about time: that needs the GPU (``bench_runtime.py --sections sweep``); it does say which schedules
-compile to what they were written for, before device time is spent on them.
+For the GEMM (the runtime's default tiles at the Wan shapes, each fused epilogue): registers, spill bytes, and the
+K loop's tensor-core wait (``gsb0, 0x1``: one group of products left in flight across iterations; ``0x0``: drained
+every iteration). It says nothing about time: that needs the GPU (``bench_runtime.py --sections sweep``); it does
+say which schedules compile to what they were written for, before device time is spent on them.
 
     python benchmarks/runtime/sm90_report.py [--json OUT] [--head-dims 128 64] [--kv-tokens 32760] [--all]
 """
@@ -34,6 +36,9 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from qvgen_kernels.attention import LOG2_P_SCALE  # noqa: E402
 from qvgen_kernels.attention_triton import AttentionConfig, _attention_kernel, default_config  # noqa: E402
+from qvgen_kernels.qgemm import EPILOGUES  # noqa: E402
+from qvgen_kernels.qgemm_triton import _gemm_tma_kernel, _gemm_tma_persistent_kernel  # noqa: E402
+from qvgen_kernels.qgemm_triton import default_config as gemm_default_config  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
 _ALIGNED = ("q_scale_ptr", "k_scale_ptr", "v_scale_ptr", "o_ptr", "stride_ob", "stride_os", "stride_oh")
@@ -71,6 +76,46 @@ def compile_attention(cfg: AttentionConfig, head_dim: int, kv_tokens: int, heads
     return triton.compile(src, target=HOPPER, options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
 
 
+def compile_gemm(M: int, N: int, K: int, epilogue: Optional[str] = None, fp8: bool = False):
+    """The runtime's W4A4 GEMM with its default tiles for an M x K by K x N product, compiled for sm_90a."""
+    cfg = gemm_default_config(M, N, K)
+    if cfg.variant not in ("tma", "tma_persistent"):
+        raise ValueError(f"sm90_report reads the TMA GEMM variants only, the default here is {cfg.variant!r}")
+    kernel = _gemm_tma_persistent_kernel if cfg.variant == "tma_persistent" else _gemm_tma_kernel
+    el = "fp8e4nv" if fp8 else "i8"
+    types = {"a_desc": f"tensordesc<{el}[{cfg.block_m}, {cfg.block_k}]>",
+             "b_desc": f"tensordesc<{el}[{cfg.block_n}, {cfg.block_k}]>", "c_ptr": "*bf16", "a_scale_ptr": "*fp32",
+             "a_zero_ptr": "*fp32", "a_rowsum_ptr": "*i32", "w_scale_ptr": "*fp32", "w_zero_ptr": "*fp32",
+             "w_colsum_ptr": "*i32", "bias_ptr": "*bf16", "res_ptr": "*bf16", "gate_ptr": "*fp32", "stride_rm": "i32",
+             "rows_per_sample": "i32", "M": "i32", "N": "i32", "stride_cm": "i32", "num_programs": "i32"}
+    kind = 0 if epilogue is None else 1 + EPILOGUES.index(epilogue)
+    constants = dict(K=K, HAS_BIAS=True, EPILOGUE=kind, HAS_GATE=epilogue == "residual", LIBDEVICE=True,
+                     FP8=fp8, FP8_PROMOTE_EVERY=128 if fp8 else 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                     BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m)
+    names = kernel.arg_names
+    signature = {n: types.get(n, "constexpr") for n in names}
+    aligned = [n for n in names if n.endswith("_ptr") or n in ("N", "stride_cm", "stride_rm")]
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    src = ASTSource(kernel, signature, constexprs={n: v for n, v in constants.items() if n in names}, attrs=attrs)
+    options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False)
+    return cfg, triton.compile(src, target=HOPPER, options=options)
+
+
+def gemm_report(name: str, M: int, N: int, K: int, epilogue: Optional[str], fp8: bool = False) -> Dict:
+    cfg, kernel = compile_gemm(M, N, K, epilogue, fp8)
+    code = sass(kernel.asm["cubin"])
+    loop = innermost_loop(code, lambda ops: any("GMMA" in o for o in ops))
+    waits = sorted({e[2].strip(" ;") for e in loop if e[1].startswith("WARPGROUP.DEPBAR")})
+    products = [e[0] for e in code if e[0] != "label" and "GMMA" in e[1]]
+    spill_ops = [e for e in code if e[0] != "label" and e[1].startswith(("STL", "LDL"))]
+    return dict(name=name, M=M, N=N, K=K, epilogue=epilogue or "none", codes="fp8" if fp8 else "int8",
+                tile=f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}, {cfg.num_warps} warps, {cfg.num_stages} stages, "
+                     f"{cfg.variant}",
+                **ptxas_usage(kernel.asm["ptx"]), k_loop_instructions=len(loop), k_loop_waits=waits,
+                spill_instructions=len(spill_ops),
+                spill_instructions_in_k_loop=sum(min(products) <= e[0] <= max(products) for e in spill_ops))
+
+
 def ptxas_usage(ptx: str) -> Dict[str, int]:
     out = subprocess.run([str(toolchain()["ptxas"]), "-arch=sm_90a", "-v", "-o", "/dev/null", "-"], input=ptx,
                          capture_output=True, text=True, check=True).stderr
@@ -97,8 +142,14 @@ def sass(cubin: bytes) -> List[tuple]:
 
 
 def key_loop(code: List[tuple]) -> List[tuple]:
-    """The innermost loop holding both tensor-core products; [] if none. A loop ends in a conditional backward
-    branch: the unconditional ones are the out-of-line retry stubs of the barrier waits jumping back."""
+    """The innermost loop holding both tensor-core products (int8 Q.K and fp8 / fp16 P.V); [] if none."""
+    return innermost_loop(code, lambda ops: any(o.startswith("IGMMA") for o in ops)
+                          and any(o.startswith(("QGMMA", "HGMMA")) for o in ops))
+
+
+def innermost_loop(code: List[tuple], wanted) -> List[tuple]:
+    """The shortest loop whose opcodes satisfy ``wanted``. A loop ends in a conditional backward branch: the
+    unconditional ones are the out-of-line retry stubs of the barrier waits jumping back."""
     where, best = {}, []
     for i, entry in enumerate(code):
         if entry[0] == "label":
@@ -110,9 +161,7 @@ def key_loop(code: List[tuple]) -> List[tuple]:
         target = re.search(r"\((\.L_x_\d+)\)", rest) if op == "BRA" and predicate else None
         if target and where.get(target.group(1), addr + 1) < addr:
             loop = [e for e in body if where[target.group(1)] <= e[0] <= addr]
-            ops = [e[1] for e in loop]
-            has_both = any(o.startswith("IGMMA") for o in ops) and any(o.startswith(("QGMMA", "HGMMA")) for o in ops)
-            if has_both and (not best or len(loop) < len(best)):
+            if wanted([e[1] for e in loop]) and (not best or len(loop) < len(best)):
                 best = loop
     return best
 
@@ -175,6 +224,12 @@ def report(cfg: AttentionConfig, head_dim: int, kv_tokens: int) -> KernelReport:
     return rep
 
 
+# (name, N, K, fused epilogues the runtime uses there): Wan-14B and Wan-1.3B linears at 32,760 tokens
+GEMM_SHAPES = [("Wan-14B attention 5120x5120", 5120, 5120, (None, "residual")),
+               ("Wan-14B FFN up", 13824, 5120, ("gelu_tanh",)), ("Wan-14B FFN down", 5120, 13824, ("residual",)),
+               ("Wan-1.3B attention 1536x1536", 1536, 1536, (None,)), ("Wan-1.3B FFN up", 8960, 1536, ("gelu_tanh",))]
+
+
 def sweep_configs(head_dim: int, everything: bool) -> List[AttentionConfig]:
     sys.path.insert(0, str(Path(__file__).parent))
     from attention_sweep import SWEEPS
@@ -217,10 +272,21 @@ def main(argv=None) -> int:
         for cfg in sweep_configs(d, args.all):
             reports.append(report(cfg, d, args.kv_tokens))
             print(row(reports[-1]), flush=True)
+    print("\n| GEMM (M = 32760) | epilogue | codes | tile | registers / spill | K-loop wait | spill instructions "
+          "(in the K loop) |\n|---|---|---|---|---|---|---|")
+    gemms = []
+    for name, N, K, epilogues in GEMM_SHAPES:
+        for epilogue in epilogues:
+            for fp8 in (False, True):
+                g = gemm_report(name, 32760, N, K, epilogue, fp8)
+                gemms.append(g)
+                print(f"| {name} | {g['epilogue']} | {g['codes']} | {g['tile']} | {g['registers']} / "
+                      f"{g['spill_stores']} B | {', '.join(g['k_loop_waits'])} | {g['spill_instructions']} "
+                      f"({g['spill_instructions_in_k_loop']}) |", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(dict(triton=triton.__version__, target="sm_90a",
-                                                   kv_tokens=args.kv_tokens, kernels=[asdict(r) for r in reports]),
-                                              indent=1))
+                                                   kv_tokens=args.kv_tokens, kernels=[asdict(r) for r in reports],
+                                                   gemms=gemms), indent=1))
     return 0
 
 
