@@ -45,6 +45,8 @@ def test_layout_lr_and_longer_runs_are_accepted(tmp_path):
     plan = plan_resume(old.to_dict(), new, 10, "c", own=True)
     assert not plan.complete and plan.cfg is new
     assert any("train.steps 10 -> 20" in n for n in plan.notes)
+    moments = dataclasses.replace(new, quant=dataclasses.replace(new.quant, decay_moments="realign"))
+    assert plan_resume(old.to_dict(), moments, 10, "c", own=True).cfg is moments   # how the optimizer is driven
     # a finished run, started again as it was (or shorter), is complete
     assert plan_resume(old.to_dict(), old, 10, "c", own=True).complete
     assert plan_resume(old.to_dict(), tiny_cfg(str(tmp_path / "r"), steps=8), 10, "c", own=True).complete

@@ -16,7 +16,8 @@ is compared with the config of the new command line:
   would ask to lower a rank that is already lower (or to raise it). When T is derived and the phase would
   move, T stays the checkpoint's (said in the log): decay ends where it was planned and the added steps
   train the model at rank 0. An explicit ``quant.decay_phase_steps`` that would move the phase is refused;
-- everything else (learning rates, intervals, directories, logging) is the new command line's.
+- everything else (learning rates, what rank decay does to the optimizer's moments, intervals, directories,
+  logging) is the new command line's.
 """
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ FIXED_FIELDS = (
 )
 # Judged by its effect (the phase at the checkpoint), not by its value: see the module docstring.
 PHASE_FIELD = "quant.decay_phase_steps"
+# Quantization fields that say how the optimizer is driven, not what the checkpoint is: free to change.
+FREE_FIELDS = ("quant.decay_moments",)
 
 
 class RunConfigMismatch(ConfigError):
@@ -62,7 +65,9 @@ def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
 
 
 def _is_fixed(name: str) -> bool:
-    return name != PHASE_FIELD and any(name == f or (f.endswith(".") and name.startswith(f)) for f in FIXED_FIELDS)
+    if name == PHASE_FIELD or name in FREE_FIELDS:
+        return False
+    return any(name == f or (f.endswith(".") and name.startswith(f)) for f in FIXED_FIELDS)
 
 
 def changed_fixed_fields(stored: Dict[str, Any], cfg: ExperimentConfig, also: Tuple[str, ...] = ()
