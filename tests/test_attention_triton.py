@@ -22,8 +22,9 @@ from qvgen_kernels.attention import (QKPrep, attention_float64, quantize_qk_torc
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from qvgen_kernels.attention_triton import (AttentionConfig, _exp2_poly, quantize_k, quantize_q,  # noqa: E402
-                                            quantize_v, quantized_attention_triton)
+from qvgen_kernels.attention_triton import (AttentionConfig, _exp2_poly, attention_from_codes,  # noqa: E402
+                                            quantize_k, quantize_q, quantize_qkv, quantize_v,
+                                            quantized_attention_triton)
 from qvgen_kernels.runtime_parts import apply_interleaved_rope  # noqa: E402
 from tests.numerics import max_rel_diff  # noqa: E402
 from tests.test_attention import cosine, qkv  # noqa: E402
@@ -228,3 +229,41 @@ def test_emulated_exp2_attention_stays_on_the_reference(sk):
     assert cosine(got, exact) >= 0.999
     assert not torch.equal(got, plain), "emulate_exp2 changed nothing: the cubic is not in the kernel"
     assert max_rel_diff(got, plain) <= 0.25 * max_rel_diff(plain, exact)
+
+
+def test_gluon_kernel_is_refused_off_hopper_and_at_other_tiles():
+    with pytest.raises(ValueError, match="64 x 128 tiles with 4 warps"):
+        AttentionConfig(block_m=128, kernel="gluon")
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        AttentionConfig(kernel="cuda")
+    if torch.cuda.is_available():
+        return
+    q, k, v = qkv(1, 70, 96, 2, 64, seed=3)
+    gluon = AttentionConfig(block_m=64, block_n=128, num_warps=4, num_stages=2, kernel="gluon")
+    with pytest.raises(ValueError, match="Hopper GPU only"):
+        quantized_attention_triton(q, k, v, config=gluon)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                    reason="needs a Hopper GPU (sm_90)")
+@pytest.mark.parametrize("SQ, SK, H, D", [(300, 1000, 2, 128),       # partial last key block, several ring turns
+                                          (200, 256, 2, 64),         # whole blocks, d = 64
+                                          (100, 100, 1, 128),        # one key block, fewer than the ring's slots
+                                          (4096, 512, 4, 128),       # Wan cross-attention to the text
+                                          (32760, 32760, 2, 128)])   # Wan 480p self-attention
+@pytest.mark.parametrize("stages", [2, 3])
+def test_gluon_kernel_computes_what_the_triton_kernel_computes(SQ, SK, H, D, stages):
+    """The same operands through both kernels: the same math in the same order of accumulation, so the outputs
+    agree to bf16 rounding; and both stay on float64."""
+    q, k, v = (t.to("cuda", torch.bfloat16) for t in qkv(1, SQ, SK, H, D, seed=SK + D, scale=1.5))
+    cfg = AttentionConfig(block_m=64, block_n=128, num_warps=4, num_stages=stages)
+    qkv_codes = quantize_qkv(q, k, v, config=cfg)
+    ref = attention_from_codes(qkv_codes, torch.empty_like(q), cfg)
+    got = attention_from_codes(qkv_codes, torch.empty_like(q), AttentionConfig(
+        block_m=64, block_n=128, num_warps=4, num_stages=stages, kernel="gluon"))
+    torch.cuda.synchronize()
+    assert torch.isfinite(got).all()
+    assert max_rel_diff(got, ref) <= 1e-2, max_rel_diff(got, ref)
+    rows = torch.randperm(SQ, generator=torch.Generator().manual_seed(0))[:128].cuda()
+    assert cosine(got[:, rows], attention_float64(q[:, rows], k, v)) >= 0.999

@@ -4,10 +4,12 @@ and their key loop holds the products and exponentials the code asks for; ``emul
 exponentials off the special-function unit. No GPU needed: the cubin is the one a lent H100 / H200 would run."""
 import pytest
 
-from qvgen_kernels.triton_env import interpreter_active
+from triton.runtime.jit import JITFunction
+
+from qvgen_kernels.attention_triton import _attention_kernel
 from tests.scripts import load_script
 
-if interpreter_active():
+if not isinstance(_attention_kernel, JITFunction):   # decorated for the interpreter: tests/test_kernels_sm90_child.py
     pytest.skip("the kernels are decorated for Triton's interpreter in this process: nothing to compile",
                 allow_module_level=True)
 report = load_script("benchmarks/runtime/sm90_report.py")
@@ -49,3 +51,27 @@ def test_emulated_exp2_moves_half_the_exponentials_to_the_fma_units():
 def test_default_int8_gemm_builds_for_hopper_without_spills_in_its_k_loop(N, K, epilogue):
     g = report.gemm_report("wan1.3b", 32760, N, K, epilogue)
     assert g["k_loop_instructions"] > 0 and g["spill_instructions_in_k_loop"] == 0, g
+
+
+@pytest.mark.parametrize("head_dim,kv_tokens,stages", [(128, 32760, 2), (128, 32760, 3), (128, 512, 2), (64, 17776, 2),
+                                                       (128, 100, 3)])
+def test_gluon_kernel_builds_and_issues_the_softmax_under_the_next_product(head_dim, kv_tokens, stages):
+    """attention_gluon at Wan self-attention (a partial last key block), the 512 text keys, CogVideoX's d = 64, and
+    fewer keys than ring slots: no spills; at d = 128 every exp2 of the key loop is issued while the next block's
+    Q.K product runs (the Triton kernel: none)."""
+    cfg = AttentionConfig(64, 128, 4, stages, kernel="gluon")
+    rep = report.report(cfg, head_dim, kv_tokens=kv_tokens)
+    assert rep.error is None, rep.error
+    assert rep.spill_stores == 0 and rep.spill_loads == 0, rep
+    if kv_tokens <= 128:             # one key block: no loop
+        return
+    loop = rep.key_loop
+    assert loop["igmma"] == head_dim // 32 and loop["qgmma"] == 4 and loop["local_memory"] == 0, loop
+    if head_dim == 128 and kv_tokens > 1024:
+        assert loop["exp2_in_flight"] >= 0.85 * loop["mufu_ex2"], loop
+    assert loop["exp2_in_flight"] > 0, loop
+
+
+def test_triton_kernel_issues_no_exp2_under_a_product():
+    """The reference point of the test above: the default Triton kernel waits for each product before its softmax."""
+    assert report.report(default_config(128), 128, kv_tokens=32760).key_loop["exp2_in_flight"] == 0

@@ -1,13 +1,15 @@
 """The attention tile sweep's rows, shared by the GPU benchmark (bench_attention) and the CPU-side compile
 report (sm90_report)."""
 
-# Tile sweeps per head dim: (block_m, block_n, warps, stages[, pv, warp_specialize, emulate_exp2]).
+# Tile sweeps per head dim: (block_m, block_n, warps, stages[, pv, warp_specialize, emulate_exp2, kernel]).
 # SageAttention's (128, 64, 8, 4) / (128, 64, 4, 3) included; 64-row tiles let 2-3 programs share an SM, so one's
 # softmax overlaps another's matrix work. Then the key-loop schedules, not measured yet (sm90_report.py reads what
 # they compile to): Triton's automatic warp specialization (4-warp tiles only; it gives two consumer warp groups
-# that each compute the same tile), and half of exp2 on the FMA units.
+# that each compute the same tile), half of exp2 on the FMA units, and the Gluon kernel (softmax under the next
+# block's Q.K product) with rings of 2 and 3 K / V stages.
 _SCHEDULES = [(64, 128, 4, 3, "fp8", True), (128, 128, 8, 3, "fp8", False, True), (64, 128, 4, 3, "fp8", False, True),
-              (64, 128, 4, 2, "fp8", False, True)]
+              (64, 128, 4, 2, "fp8", False, True), (64, 128, 4, 2, "fp8", False, False, "gluon"),
+              (64, 128, 4, 3, "fp8", False, False, "gluon")]
 SWEEPS = {128: [(128, 128, 8, 2), (128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 8, 3), (128, 64, 8, 4),
                 (64, 128, 4, 2), (64, 128, 4, 3), (64, 64, 4, 3)] + _SCHEDULES,
           64: [(128, 128, 8, 3), (128, 128, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3)] + _SCHEDULES}

@@ -20,7 +20,9 @@ from qvgen_kernels.cogvideox_model import CogVideoXRuntimeTransformer, cogvideox
 from qvgen_kernels.wan_model import WanRuntimeTransformer
 
 COLUMNS = ("diffusers_bf16", "diffusers_compile", "diffusers_fp8", "ours_bf16_attn", "ours_int8_attn",
-           "ours_int8_attn_graph")
+           "ours_int8_attn_graph", "ours_gluon_attn_graph")
+# the Gluon attention kernel (Hopper only): 64 x 128 tiles, a ring of two K / V stages (attention_gluon)
+GLUON_ATTENTION = dict(block_m=64, block_n=128, num_warps=4, num_stages=2, kernel="gluon")
 SAGE_COLUMNS = ("diffusers_sage", "diffusers_sageattn_sdpa")
 RUNTIMES = {"wan": WanRuntimeTransformer, "cogvideox": CogVideoXRuntimeTransformer}
 START = time.time()
@@ -56,8 +58,10 @@ def unavailable(column: str) -> Optional[str]:
     """Why ``column`` cannot run on this machine (None: it can). The diffusers ``sage`` backend is tried anywhere:
     its refusal (the package or its version) is the answer the column reports."""
     if DEVICE != "cuda" and column in ("diffusers_compile", "diffusers_fp8", "ours_int8_attn_graph",
-                                       "diffusers_sageattn_sdpa"):
+                                       "ours_gluon_attn_graph", "diffusers_sageattn_sdpa"):
         return "needs a GPU"
+    if column == "ours_gluon_attn_graph" and torch.cuda.get_device_capability() != (9, 0):
+        return "the Gluon attention kernel is written for Hopper (sm_90)"
     return None
 
 
@@ -104,8 +108,11 @@ def make(column: str, spec: dict):
             notes["how"] = SageForSdpa.HOW
             notes["calls"] = wrap.calls
     else:
-        fast = "int8" in column
-        model = build(RUNTIMES[kind], cfg, quantized=True).set_attention("int8" if fast else "bf16").set_fusion(fast)
+        from qvgen_kernels.attention_triton import AttentionConfig
+        fast = "int8" in column or "gluon" in column
+        config = AttentionConfig(**GLUON_ATTENTION) if "gluon" in column else None
+        model = build(RUNTIMES[kind], cfg, quantized=True).set_attention("int8" if fast else "bf16", config=config)
+        model.set_fusion(fast)
         if column.endswith("graph"):
             model.enable_cuda_graphs()
     if kind == "wan":

@@ -7,7 +7,7 @@ key-loop schedule of the benchmark's sweep this reports
 - whether Triton warp-specialized the key loop, and its partitions (warps, products, exponentials, TMA copies);
 - in the key loop's SASS (the innermost loop holding both products): instructions, ``MUFU.EX2`` (exp2 on the
   special-function unit), ``FFMA``, the int8 Q.K and fp8 P.V tensor-core products (``IGMMA`` / ``QGMMA``), and how
-  many exponentials run between a product's issue and the wait for it (0: the loop runs in lockstep).
+  many exponentials are issued while a product is outstanding (0: the loop runs in lockstep).
 For the GEMM (the runtime's default tiles at the Wan shapes, each fused epilogue): registers, spill bytes, and the
 K loop's tensor-core wait (``gsb0, 0x1``: one group of products left in flight across iterations; ``0x0``: drained
 every iteration). It says nothing about time: that needs the GPU (``bench_runtime.py --sections sweep``); it does
@@ -35,6 +35,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from qvgen_kernels.attention import LOG2_P_SCALE  # noqa: E402
+from qvgen_kernels.attention_gluon import _attention_kernel_gluon, descriptor_layouts  # noqa: E402
 from qvgen_kernels.attention_triton import AttentionConfig, _attention_kernel, default_config  # noqa: E402
 from qvgen_kernels.qgemm import EPILOGUES  # noqa: E402
 from qvgen_kernels.qgemm_triton import _gemm_tma_kernel, _gemm_tma_persistent_kernel  # noqa: E402
@@ -57,6 +58,8 @@ def toolchain() -> Dict[str, Path]:
 
 def compile_attention(cfg: AttentionConfig, head_dim: int, kv_tokens: int, heads: int = 12):
     """The attention kernel as launched with ``cfg`` on [B, S, heads, head_dim] operands, compiled for sm_90a."""
+    if cfg.kernel == "gluon":
+        return compile_attention_gluon(cfg, head_dim, kv_tokens, heads)
     bm, bn, d = cfg.block_m, cfg.block_n, head_dim
     pv = "fp8e4nv" if cfg.pv == "fp8" else "fp16"
     types = {"q_desc": f"tensordesc<i8[{bm}, {d}]>", "k_desc": f"tensordesc<i8[{bn}, {d}]>",
@@ -74,6 +77,25 @@ def compile_attention(cfg: AttentionConfig, head_dim: int, kv_tokens: int, heads
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in _ALIGNED}
     src = ASTSource(_attention_kernel, signature, constexprs=constants, attrs=attrs)
     return triton.compile(src, target=HOPPER, options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+
+
+def compile_attention_gluon(cfg: AttentionConfig, head_dim: int, kv_tokens: int, heads: int = 12):
+    """attention_gluon's kernel for sm_90a (its descriptors carry their shared-memory layouts)."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+    d = head_dim
+    layouts = descriptor_layouts(d)
+    desc = lambda el, block, layout: f"tensordesc<{el}[{block[0]}, {block[1]}],{layout!r}>"  # noqa: E731
+    types = {"q_desc": desc("i8", [cfg.block_m, d], layouts[0]), "k_desc": desc("i8", [cfg.block_n, d], layouts[1]),
+             "v_desc": desc("fp8e4nv", [d, cfg.block_n], layouts[2]), "q_scale_ptr": "*fp32",
+             "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32", "o_ptr": "*bf16", "SQ": "i32", "stride_ob": "i32",
+             "stride_os": "i32", "stride_oh": "i32"}
+    constants = dict(H=heads, SK=kv_tokens, D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, STAGES=cfg.num_stages,
+                     LOG2_P=LOG2_P_SCALE)
+    names = _attention_kernel_gluon.arg_names
+    signature = {n: types.get(n, "constexpr") for n in names}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in _ALIGNED}
+    src = GluonASTSource(_attention_kernel_gluon, signature, constexprs=constants, attrs=attrs)
+    return triton.compile(src, target=HOPPER, options=dict(num_warps=cfg.num_warps))
 
 
 def compile_gemm(M: int, N: int, K: int, epilogue: Optional[str] = None, fp8: bool = False):
@@ -179,7 +201,27 @@ def loop_stats(loop: List[tuple]) -> Dict[str, int]:
     count = lambda prefix: sum(o.startswith(prefix) for o in ops)  # noqa: E731
     return dict(instructions=len(ops), mufu_ex2=count("MUFU.EX2"), ffma=count("FFMA"), igmma=count("IGMMA"),
                 qgmma=count("QGMMA") + count("HGMMA"), bar_sync=count("BAR.SYNC"),
-                exp2_under_products=between, local_memory=count("STL") + count("LDL"))
+                exp2_under_products=between, exp2_in_flight=exp2_in_flight(loop),
+                local_memory=count("STL") + count("LDL"))
+
+
+def exp2_in_flight(loop: List[tuple]) -> int:
+    """MUFU.EX2 issued while a tensor-core product is outstanding, in the loop's steady state: a GMMA that commits
+    (``gsb0``) adds a pending group, ``WARPGROUP.DEPBAR.LE gsb0, N`` leaves at most N, and an exp2 between the
+    GMMAs of one product also runs under it. Walks the loop twice (what is pending at its end is pending at its
+    start) and counts on the second pass."""
+    pending, open_product, count = 0, False, 0
+    for lap in range(2):
+        for _, op, rest, _ in loop:
+            if "GMMA" in op:
+                open_product = "gsb0" not in rest
+                pending += "gsb0" in rest
+            elif op.startswith("WARPGROUP.DEPBAR"):
+                m = re.search(r"gsb0,\s*(0x[0-9a-f]+|\d+)", rest)
+                pending = min(pending, int(m.group(1), 0) if m else 0)
+            elif op == "MUFU.EX2" and lap == 1 and (pending or open_product):
+                count += 1
+    return count
 
 
 def warp_partitions(ttgir: str) -> Optional[List[Dict[str, int]]]:
@@ -241,7 +283,8 @@ def sweep_configs(head_dim: int, everything: bool) -> List[AttentionConfig]:
 def row(rep: KernelReport) -> str:
     c = rep.config
     name = (f"{c['block_m']}x{c['block_n']}, {c['num_warps']} warps, {c['num_stages']} stages"
-            + (", warp_specialize" if c["warp_specialize"] else "") + (", emulate_exp2" if c["emulate_exp2"] else ""))
+            + (", warp_specialize" if c["warp_specialize"] else "") + (", emulate_exp2" if c["emulate_exp2"] else "")
+            + (", Gluon" if c["kernel"] == "gluon" else ""))
     if rep.error:
         return f"| d={rep.head_dim} {name} | error: {rep.error} |||||"
     parts = ("no" if rep.partitions is None else
@@ -251,7 +294,7 @@ def row(rep: KernelReport) -> str:
     return (f"| d={rep.head_dim} {name} | {rep.registers} / {rep.spill_stores} B | {rep.shared_bytes // 1024} KiB | "
             f"{parts} | {k.get('instructions')} instr, {k.get('mufu_ex2')} MUFU.EX2, {k.get('ffma')} FFMA, "
             f"{k.get('igmma')} IGMMA + {k.get('qgmma')} QGMMA, {k.get('bar_sync')} BAR.SYNC | "
-            f"{k.get('exp2_under_products')} |")
+            f"{k.get('exp2_in_flight')} |")
 
 
 def main(argv=None) -> int:
@@ -266,7 +309,7 @@ def main(argv=None) -> int:
         p.error("TRITON_INTERPRET is set: the kernels are decorated for the interpreter and cannot be compiled")
     print(f"triton {triton.__version__}, target sm_90a, {args.kv_tokens} keys")
     print("| kernel | registers / spill | shared | warp specialization | key loop (per thread) "
-          "| exp2 under a product |\n|---|---|---|---|---|---|")
+          "| exp2 issued under a product |\n|---|---|---|---|---|---|")
     reports = []
     for d in args.head_dims:
         for cfg in sweep_configs(d, args.all):

@@ -37,6 +37,7 @@ from .triton_env import interpreter_requested
 from .attention import HEAD_DIMS, LOG2_P_SCALE, LOG2E, P_SCALE, PV_DTYPES, V_SCALE_FLOOR, QKPrep
 
 _NORM_CODES = {"none": 0, "rms_row": 1, "layer_head": 2}
+KERNELS = ("triton", "gluon")
 _QUANT_ROWS = 64             # tokens a program of the Q pass handles
 # The code passes round x * (127 / amax) with the magic-number add; compiled with FMA contraction that becomes
 # fma(x, inv, magic), which rounds the exact product instead of the float32 one the torch twin rounds (a code
@@ -58,8 +59,18 @@ class AttentionConfig:
     # Half of each block's exp2 by a cubic on the FMA units instead of the special-function unit (FlashAttention-4's
     # trick; P is fp8, far coarser than the cubic's 7.5e-5). Off until measured on a GPU.
     emulate_exp2: bool = False
+    # "triton" (this file) or "gluon" (attention_gluon.py: the softmax under the next block's Q.K product; Hopper
+    # only, 64 x 128 tiles, 4 warps, fp8 P.V; num_stages = its K / V ring depth). Not yet measured on a GPU.
+    kernel: str = "triton"
 
     def __post_init__(self):
+        if self.kernel not in KERNELS:
+            raise ValueError(f"AttentionConfig.kernel must be one of {KERNELS}, got {self.kernel!r}")
+        gluon_shape = (self.block_m, self.block_n, self.num_warps, self.pv) == (64, 128, 4, "fp8")
+        if self.kernel == "gluon" and (not gluon_shape or self.warp_specialize or self.emulate_exp2
+                                       or self.num_stages < 2):
+            raise ValueError("AttentionConfig: the Gluon kernel runs 64 x 128 tiles with 4 warps, fp8 P.V and a ring "
+                             f"of num_stages >= 2, without warp_specialize / emulate_exp2; got {self}")
         if self.pv not in PV_DTYPES:
             raise ValueError(f"AttentionConfig.pv must be one of {PV_DTYPES}, got {self.pv!r}")
         for name in ("block_m", "block_n"):
@@ -463,6 +474,12 @@ def attention_from_codes(qkv: QuantizedQKV, out: torch.Tensor,
         raise ValueError(f"out must be [B, Sq, H, D] = {[B, SQ, H, D]} with contiguous channels")
     if SQ == 0:
         return out
+    if cfg.kernel == "gluon":
+        if interpreter_requested() or not qkv.q_codes.is_cuda:
+            raise ValueError("AttentionConfig(kernel='gluon') runs on a Hopper GPU only (Gluon has no interpreter); "
+                             "use kernel='triton' here")
+        from .attention_gluon import attention_from_codes_gluon
+        return attention_from_codes_gluon(qkv, out, cfg.num_stages, LOG2_P_SCALE)
     s_pad = qkv.vt.shape[-1]
     q_desc = TensorDescriptor(qkv.q_codes, [B * H * SQ, D], [D, 1], [cfg.block_m, D])
     k_desc = TensorDescriptor(qkv.k_codes, [B * H * SK, D], [D, 1], [cfg.block_n, D])

@@ -162,6 +162,7 @@ class _Attention(nn.Module):
         self.norm_k = nn.LayerNorm(head_dim, QK_NORM_EPS, dtype=dtype)
         self.to_out = nn.ModuleList([runtime_linear(f"{prefix}.to_out.0", dim, dim, quant, dtype)])
         self.attention_mode = "bf16"
+        self.attention_config = None         # the quantized kernel's AttentionConfig (None: default per head dim)
 
     def forward(self, x: torch.Tensor, rope: Optional[Tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         q, k, v = (run_linear(proj, x).unflatten(-1, (self.heads, -1)) for proj in (self.to_q, self.to_k, self.to_v))
@@ -171,7 +172,8 @@ class _Attention(nn.Module):
             start = x.shape[1] - (cos.shape[0] if rope is not None else 0)
             prep = [QKPrep("layer_head", norm.weight, norm.bias, QK_NORM_EPS, cos, sin, start)
                     for norm in (self.norm_q, self.norm_k)]
-            out = quantized_attention_triton(q.type_as(x), k.type_as(x), v.type_as(x), *prep)
+            out = quantized_attention_triton(q.type_as(x), k.type_as(x), v.type_as(x), *prep,
+                                             config=self.attention_config)
             return run_linear(self.to_out[0], out.flatten(2))
         q = fp32_layer_norm(q, QK_NORM_EPS, self.norm_q).type_as(x)
         k = fp32_layer_norm(k, QK_NORM_EPS, self.norm_k).type_as(x)

@@ -107,15 +107,17 @@ class RuntimeTransformer(nn.Module):
     # ------------------------------------------------------------------ loading
     attention_mode = "bf16"
 
-    def set_attention(self, mode: str, cross_attention: Optional[str] = None) -> "RuntimeTransformer":
+    def set_attention(self, mode: str, cross_attention: Optional[str] = None, config=None) -> "RuntimeTransformer":
         """``"bf16"`` (SDPA, diffusers' math) or ``"int8"`` (quantized attention, ``attention``) in every block's
         self-attention (CogVideoX: its joint attention). Attention modules with ``cross_attention`` set (Wan's
         ``attn2``, queries to the text) take ``attention.cross_attention_mode(mode, cross_attention)``: bf16 SDPA
-        unless ``cross_attention`` asks otherwise (its docstring holds the measurement)."""
+        unless ``cross_attention`` asks otherwise (its docstring holds the measurement). ``config``: the quantized
+        kernel's ``attention_triton.AttentionConfig`` (e.g. ``kernel="gluon"`` on Hopper); None: the default tiles."""
         cross = cross_attention_mode(mode, cross_attention)
         for module in self.modules():
             if hasattr(module, "attention_mode"):
                 module.attention_mode = cross if getattr(module, "cross_attention", False) else mode
+                module.attention_config = config
         return self
 
     def set_fusion(self, enabled: bool = True) -> "RuntimeTransformer":

@@ -67,6 +67,7 @@ class _Attention(nn.Module):
         self.norm_q = nn.RMSNorm(dim, eps=eps, dtype=dtype)
         self.norm_k = nn.RMSNorm(dim, eps=eps, dtype=dtype)
         self.attention_mode = "bf16"
+        self.attention_config = None         # the quantized kernel's AttentionConfig (None: default per head dim)
 
     def attend(self, x, context=None, rope=None):
         """Projections, q/k norm, RoPE and attention: [B, S, heads * head_dim] in the model dtype."""
@@ -83,7 +84,7 @@ class _Attention(nn.Module):
             cos, sin = rope if rope is not None else (None, None)
             prep = [QKPrep("rms_row", norm.weight, eps=norm.eps, cos=cos, sin=sin)
                     for norm in (self.norm_q, self.norm_k)]
-            return quantized_attention_triton(q, k, v, *prep).flatten(2, 3)
+            return quantized_attention_triton(q, k, v, *prep, config=self.attention_config).flatten(2, 3)
         # q/k RMSNorm over all heads (diffusers: torch.nn.RMSNorm in the activation dtype)
         q = self.norm_q(q.flatten(2, 3)).unflatten(2, (self.heads, -1))
         k = self.norm_k(k.flatten(2, 3)).unflatten(2, (self.heads, -1))
