@@ -63,6 +63,8 @@ def test_gluon_kernel_builds_and_issues_the_softmax_under_the_next_product(head_
     rep = report.report(cfg, head_dim, kv_tokens=kv_tokens)
     assert rep.error is None, rep.error
     assert rep.spill_stores == 0 and rep.spill_loads == 0, rep
+    # P is the register A operand of the asynchronous P.V product: nothing may overwrite it before the wait
+    assert rep.register_operand_overwrites == 0, rep
     if kv_tokens <= 128:             # one key block: no loop
         return
     loop = rep.key_loop
@@ -75,3 +77,13 @@ def test_gluon_kernel_builds_and_issues_the_softmax_under_the_next_product(head_
 def test_triton_kernel_issues_no_exp2_under_a_product():
     """The reference point of the test above: the default Triton kernel waits for each product before its softmax."""
     assert report.report(default_config(128), 128, kv_tokens=32760).key_loop["exp2_in_flight"] == 0
+
+
+def test_register_operand_check_sees_an_overwrite_before_the_wait():
+    """The hazard check of the test above on hand-made SASS: a write to P's registers while P.V runs counts, one
+    after the wait does not."""
+    product = (0x10, "QGMMA.64", "x128x32.F32.E4M3.E4M3 R24, R152, gdesc[UR4], R24, gsb0 ;", "")
+    wait = (0x30, "WARPGROUP.DEPBAR.LE", " gsb0, 0x0 ;", "")
+    write = lambda addr: (addr, "FFMA", " R153, R1, R2, R3 ;", "")  # noqa: E731
+    assert report.register_operand_overwrites([product, write(0x20), wait]) == 1
+    assert report.register_operand_overwrites([product, wait, write(0x40)]) == 0

@@ -205,6 +205,30 @@ def loop_stats(loop: List[tuple]) -> Dict[str, int]:
                 local_memory=count("STL") + count("LDL"))
 
 
+_NO_REGISTER_WRITE = ("ST", "BAR", "BRA", "WARPGROUP", "SYNCS", "UTMA", "RED", "ATOM", "EXIT", "NOP", "BSYNC", "BSSY")
+
+
+def register_operand_overwrites(code: List[tuple]) -> int:
+    """Instructions that write a register a tensor-core product reads its A operand from (P of the P.V product)
+    before the next ``WARPGROUP.DEPBAR``: undefined behaviour in PTX (the product reads its registers while it
+    runs). Gluon cannot name 8-bit P as a dependency of its wait, so this is checked on the binary instead."""
+    body = [e for e in code if e[0] != "label"]
+    hazards = 0
+    for i, (_, op, rest, _) in enumerate(body):
+        m = re.search(r"\sR\d+,\s*R(\d+),", rest) if "GMMA" in op else None
+        if not m:
+            continue
+        operand = {f"R{int(m.group(1)) + r}" for r in range(4)}       # 16 bytes of A a thread, k = 32 (8-bit)
+        for _, op2, rest2, _ in body[i + 1:]:
+            if op2.startswith("WARPGROUP.DEPBAR"):
+                break
+            if "GMMA" in op2 or op2.startswith(_NO_REGISTER_WRITE):
+                continue
+            dst = re.match(r"\s*(R\d+)", rest2)
+            hazards += bool(dst and dst.group(1) in operand)
+    return hazards
+
+
 def exp2_in_flight(loop: List[tuple]) -> int:
     """MUFU.EX2 issued while a tensor-core product is outstanding, in the loop's steady state: a GMMA that commits
     (``gsb0``) adds a pending group, ``WARPGROUP.DEPBAR.LE gsb0, N`` leaves at most N, and an exp2 between the
@@ -249,6 +273,7 @@ class KernelReport:
     shared_bytes: int = 0
     partitions: Optional[List[Dict[str, int]]] = None
     key_loop: Dict[str, int] = field(default_factory=dict)
+    register_operand_overwrites: int = 0
     error: Optional[str] = None
 
 
@@ -262,7 +287,9 @@ def report(cfg: AttentionConfig, head_dim: int, kv_tokens: int) -> KernelReport:
     rep.__dict__.update(ptxas_usage(kernel.asm["ptx"]))
     rep.shared_bytes = kernel.metadata.shared
     rep.partitions = warp_partitions(kernel.asm["ttgir"])
-    rep.key_loop = loop_stats(key_loop(sass(kernel.asm["cubin"])))
+    code = sass(kernel.asm["cubin"])
+    rep.key_loop = loop_stats(key_loop(code))
+    rep.register_operand_overwrites = register_operand_overwrites(code)
     return rep
 
 
