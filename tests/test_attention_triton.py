@@ -239,9 +239,8 @@ def test_gluon_kernel_is_refused_off_hopper_and_at_other_tiles():
     if torch.cuda.is_available():
         return
     q, k, v = qkv(1, 70, 96, 2, 64, seed=3)
-    gluon = AttentionConfig(block_m=64, block_n=128, num_warps=4, num_stages=2, kernel="gluon")
     with pytest.raises(ValueError, match="Hopper GPU only"):
-        quantized_attention_triton(q, k, v, config=gluon)
+        quantized_attention_triton(q, k, v, config=AttentionConfig.gluon())
 
 
 @pytest.mark.gpu
@@ -260,8 +259,7 @@ def test_gluon_kernel_computes_what_the_triton_kernel_computes(SQ, SK, H, D, sta
     cfg = AttentionConfig(block_m=64, block_n=128, num_warps=4, num_stages=stages)
     qkv_codes = quantize_qkv(q, k, v, config=cfg)
     ref = attention_from_codes(qkv_codes, torch.empty_like(q), cfg)
-    got = attention_from_codes(qkv_codes, torch.empty_like(q), AttentionConfig(
-        block_m=64, block_n=128, num_warps=4, num_stages=stages, kernel="gluon"))
+    got = attention_from_codes(qkv_codes, torch.empty_like(q), AttentionConfig.gluon(stages))
     torch.cuda.synchronize()
     assert torch.isfinite(got).all()
     assert max_rel_diff(got, ref) <= 1e-2, max_rel_diff(got, ref)

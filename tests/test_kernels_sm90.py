@@ -59,7 +59,7 @@ def test_gluon_kernel_builds_and_issues_the_softmax_under_the_next_product(head_
     """attention_gluon at Wan self-attention (a partial last key block), the 512 text keys, CogVideoX's d = 64, and
     fewer keys than ring slots: no spills; at d = 128 every exp2 of the key loop is issued while the next block's
     Q.K product runs (the Triton kernel: none)."""
-    cfg = AttentionConfig(64, 128, 4, stages, kernel="gluon")
+    cfg = AttentionConfig.gluon(stages)
     rep = report.report(cfg, head_dim, kv_tokens=kv_tokens)
     assert rep.error is None, rep.error
     assert rep.spill_stores == 0 and rep.spill_loads == 0, rep

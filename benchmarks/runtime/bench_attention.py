@@ -11,7 +11,7 @@ import torch
 from columns import DEVICE, time_calls
 from quality import attention_quality, cosine
 
-from attention_sweep import SWEEP_SHAPES, SWEEPS, TINY_SWEEPS
+from attention_sweep import GLUON_SWEEP, SWEEP_SHAPES, SWEEPS, TINY_SWEEPS
 from qvgen_kernels.attention import sdpa
 
 
@@ -57,8 +57,9 @@ def bench_attention(out: dict, tiny: bool, save):
         q = k = v = None        # frees them (not ``del``: pyflakes reads the lambdas above as using deleted names)
 
 
-def bench_attention_sweep(out: dict, tiny: bool, save):
-    """The kernel alone at every tile shape and key-loop schedule of SWEEPS, at the Wan-14B and CogVideoX shapes."""
+def bench_attention_sweep(out: dict, tiny: bool, save, gluon: bool = False):
+    """The kernel alone at every tile shape and key-loop schedule of SWEEPS (``gluon``: the rows of GLUON_SWEEP), at
+    the Wan-14B and CogVideoX shapes."""
     from qvgen_kernels.attention_triton import AttentionConfig, attention_from_codes, quantize_qkv
     bench = _bench()
     res = out.setdefault("attention", {})
@@ -70,7 +71,8 @@ def bench_attention_sweep(out: dict, tiny: bool, save):
         o = torch.empty_like(q)
         ref = sdpa(q, k, v)
         sweep_res = []
-        for cfg in (AttentionConfig(*t) for t in (TINY_SWEEPS if tiny else SWEEPS)[D]):
+        rows = GLUON_SWEEP if gluon else (TINY_SWEEPS if tiny else SWEEPS)[D]
+        for cfg in (AttentionConfig(*t) for t in rows):
             try:
                 qkv = quantize_qkv(q, k, v, config=cfg)
                 ms = bench(lambda: attention_from_codes(qkv, o, cfg))
@@ -78,7 +80,7 @@ def bench_attention_sweep(out: dict, tiny: bool, save):
                                       cosine_vs_sdpa=cosine(attention_from_codes(qkv, o, cfg), ref)))
             except Exception as e:
                 sweep_res.append(dict(config=cfg.__dict__, error=repr(e)[:300]))
-        res["sweep_" + name] = sweep_res
+        res[("sweep_gluon_" if gluon else "sweep_") + name] = sweep_res
         print("attention sweep", name, sweep_res, flush=True)
         save()
         q = k = v = ref = None

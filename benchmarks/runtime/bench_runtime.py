@@ -40,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))
 from bench_attention import bench_attention, bench_attention_sweep, bench_sage_attention  # noqa: E402
 from bench_sampling import bench_sampling  # noqa: E402
 from bench_wan import breakdown, build  # noqa: E402
-from columns import COLUMNS, DEVICE, RUNTIMES, SAGE_COLUMNS, START, inputs, left, make, measure, sync  # noqa: E402
+from columns import (COLUMNS, DEVICE, GLUON_COLUMNS, RUNTIMES, SAGE_COLUMNS, START, inputs, left, make,  # noqa: E402
+                     measure, sync)
 from columns import add_speedups, run_columns  # noqa: E402
 from quality import flow_quality  # noqa: E402
 
@@ -67,10 +68,11 @@ TINY = {
     "cogvideox": dict(num_attention_heads=2, attention_head_dim=32, num_layers=2, time_embed_dim=16, text_embed_dim=32,
                       in_channels=4, out_channels=4, sample_height=8, sample_width=8, max_text_seq_length=8),
 }
-NEW_MODEL_COLUMNS = COLUMNS + SAGE_COLUMNS
+NEW_MODEL_COLUMNS = COLUMNS + SAGE_COLUMNS + GLUON_COLUMNS
 SAGE_MODELS = ("wan1.3b", "wan14b", "cogvideox2b")      # the sage section adds its columns to these rows
-SECTIONS = "attention,sweep,wan1.3b,quality,profile,wan14b,cogvideox2b,sage,sampling,wan14b_720p,cogvideox5b"
-SECTION_MIN_S = dict(sweep=60, sage=60, sampling=90, wan14b_720p=120, cogvideox5b=120)   # others: 20 s
+SECTIONS = ("attention,sweep,wan1.3b,quality,profile,wan14b,cogvideox2b,sage,sampling,wan14b_720p,cogvideox5b,"
+            "gluon")
+SECTION_MIN_S = dict(sweep=60, sage=60, sampling=90, wan14b_720p=120, cogvideox5b=120, gluon=60)   # others: 20 s
 COMPILE_MIN_S = 150         # compile takes ~1 min, then the forwards
 
 
@@ -86,8 +88,13 @@ def run_section(section: str, args, out: dict, save):
         bench_attention(out, args.tiny, save)
     elif section == "sweep":
         bench_attention_sweep(out, args.tiny, save)
+    elif section == "gluon":        # last: a kernel that has never run could hang the process
+        bench_attention_sweep(out, args.tiny, save, gluon=True)
+        for name, spec in MODELS.items():
+            if name in out:
+                bench_model(name, spec, out, args.budget_s, args.reps, save, GLUON_COLUMNS)
     elif section in MODELS:
-        columns = NEW_MODEL_COLUMNS if section in ("wan14b_720p", "cogvideox5b") else COLUMNS
+        columns = COLUMNS + SAGE_COLUMNS if section in ("wan14b_720p", "cogvideox5b") else COLUMNS
         bench_model(section, MODELS[section], out, args.budget_s, args.reps, save, columns)
     elif section == "quality":
         out["quality"] = flow_quality(MODELS["wan1.3b"], build, RUNTIMES["wan"], inputs, steps=20)
@@ -150,6 +157,8 @@ def main():
     p.add_argument("--budget-s", type=float, default=420)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--sections", default=SECTIONS)
+    p.add_argument("--skip-sections", default="", help="sections to leave out (recorded as skipped, with why: "
+                   "run_gpu.sh leaves out 'gluon' when the Gluon kernel's GPU tests did not pass)")
     p.add_argument("--wan14b-blocks", type=int, default=4)
     p.add_argument("--wan14b-720p-blocks", type=int, default=2)
     p.add_argument("--cogvideox5b-blocks", type=int, default=42)
@@ -178,7 +187,12 @@ def main():
         with open(f"{args.out}/runtime_results.json", "w") as f:
             json.dump(out, f, indent=1, default=str)
 
+    skip = set(filter(None, args.skip_sections.split(",")))
     for section in args.sections.split(","):
+        if section in skip:
+            out.setdefault("skipped_sections", {})[section] = "left out (--skip-sections)"
+            save()
+            continue
         need = SECTION_MIN_S.get(section, 20)
         if left(args.budget_s) < need:
             out.setdefault("skipped_sections", {})[section] = f"budget: {left(args.budget_s):.0f} s left, needs {need} s"

@@ -20,9 +20,9 @@ from qvgen_kernels.cogvideox_model import CogVideoXRuntimeTransformer, cogvideox
 from qvgen_kernels.wan_model import WanRuntimeTransformer
 
 COLUMNS = ("diffusers_bf16", "diffusers_compile", "diffusers_fp8", "ours_bf16_attn", "ours_int8_attn",
-           "ours_int8_attn_graph", "ours_gluon_attn_graph")
-# the Gluon attention kernel (Hopper only): 64 x 128 tiles, a ring of two K / V stages (attention_gluon)
-GLUON_ATTENTION = dict(block_m=64, block_n=128, num_warps=4, num_stages=2, kernel="gluon")
+           "ours_int8_attn_graph")
+GLUON_COLUMNS = ("ours_gluon_attn_graph",)     # the "gluon" section adds it to the rows measured before
+
 SAGE_COLUMNS = ("diffusers_sage", "diffusers_sageattn_sdpa")
 RUNTIMES = {"wan": WanRuntimeTransformer, "cogvideox": CogVideoXRuntimeTransformer}
 START = time.time()
@@ -110,7 +110,7 @@ def make(column: str, spec: dict):
     else:
         from qvgen_kernels.attention_triton import AttentionConfig
         fast = "int8" in column or "gluon" in column
-        config = AttentionConfig(**GLUON_ATTENTION) if "gluon" in column else None
+        config = AttentionConfig.gluon() if "gluon" in column else None    # a ring of two K / V stages
         model = build(RUNTIMES[kind], cfg, quantized=True).set_attention("int8" if fast else "bf16", config=config)
         model.set_fusion(fast)
         if column.endswith("graph"):

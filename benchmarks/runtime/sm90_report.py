@@ -301,8 +301,8 @@ GEMM_SHAPES = [("Wan-14B attention 5120x5120", 5120, 5120, (None, "residual")),
 
 def sweep_configs(head_dim: int, everything: bool) -> List[AttentionConfig]:
     sys.path.insert(0, str(Path(__file__).parent))
-    from attention_sweep import SWEEPS
-    rows = SWEEPS[head_dim] if everything else [t for t in SWEEPS[head_dim] if len(t) > 4]
+    from attention_sweep import GLUON_SWEEP, SWEEPS
+    rows = (SWEEPS[head_dim] if everything else [t for t in SWEEPS[head_dim] if len(t) > 4]) + GLUON_SWEEP
     configs = [default_config(head_dim)] + [AttentionConfig(*t) for t in rows]
     return list(dict.fromkeys(configs))
 

@@ -5,15 +5,16 @@ yielding P * 448, fp8 P.V with a fresh float32 accumulator a block, ``acc = acc 
 the schedule that Triton 3.6's passes do not produce (benchmarks/runtime/RESULTS.md, "What Triton builds for
 Hopper"): block j+1's Q.Kᵀ is issued asynchronously before block j's softmax and waited for after it
 (``warpgroup_mma_wait(1)``), so the exponentials run while the int8 product does (FlashAttention-3's
-intra-warpgroup overlap). Compiled for sm_90a on the CPU, all 66 exp2 of a thread's key block are issued with that
-product outstanding, against none in the Triton kernel (``tests/test_kernels_sm90.py``).
+intra-warpgroup overlap). Compiled for sm_90a on the CPU at d = 128 with a ring of 2, all 66 exp2 of a thread's
+key block are issued with that product outstanding (ring of 3: 59; d = 64, a shorter product: 26), against none
+in the Triton kernel (``tests/test_kernels_sm90.py``).
 
 One program: 64 queries of one (batch, head), 4 warps (one warp group) that also issue the TMA loads of K and Vᵀ
 into a ring of ``num_stages`` shared-memory slots, one mbarrier a slot and operand; a slot is refilled once the
 products that read it have been waited for. The last key block, when partial, gives its keys past SK -inf.
 
-Runs on Hopper only (no interpreter for Gluon): ``AttentionConfig(kernel="gluon")``; the GPU tests compare it with
-the Triton kernel. Not yet run on a GPU (2026-12-05): correctness, barrier phases and speed are the next device
+Runs on Hopper only (no interpreter for Gluon): ``AttentionConfig.gluon()``; the GPU tests compare it with the
+Triton kernel. Not yet run on a GPU (2026-12-05): correctness, barrier phases and speed are the next device
 session's first measurement.
 """
 from __future__ import annotations
@@ -126,6 +127,7 @@ def _attention_kernel_gluon(q_desc, k_desc, v_desc, q_scale_ptr, k_scale_ptr, v_
         pv_tok = _issue_pv(p8, v_smem, v_bars, j, o_zero, STAGES)
         qk = warpgroup_mma_wait(1, deps=[s_tok])                                     # S_{j+1} done
         pv = warpgroup_mma_wait(0, deps=[pv_tok])                                    # PV_j done: slot j is free
+        gl.thread_barrier()          # every warp past its wait before the TMA overwrites the slot its products read
         _load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, bh, j + STAGES, SK, D, BLOCK_N, STAGES,
                  j + STAGES < NBLK)
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1) + pv

@@ -60,8 +60,14 @@ class AttentionConfig:
     # trick; P is fp8, far coarser than the cubic's 7.5e-5). Off until measured on a GPU.
     emulate_exp2: bool = False
     # "triton" (this file) or "gluon" (attention_gluon.py: the softmax under the next block's Q.K product; Hopper
-    # only, 64 x 128 tiles, 4 warps, fp8 P.V; num_stages = its K / V ring depth). Not yet measured on a GPU.
+    # only, 64 x 128 tiles, 4 warps, fp8 P.V; num_stages = its K / V ring depth: AttentionConfig.gluon()). Not yet
+    # run on a GPU.
     kernel: str = "triton"
+
+    @classmethod
+    def gluon(cls, num_stages: int = 2) -> "AttentionConfig":
+        """The Gluon kernel's config: its only tiles (64 x 128, one warp group) and a ring of ``num_stages``."""
+        return cls(block_m=64, block_n=128, num_warps=4, num_stages=num_stages, kernel="gluon")
 
     def __post_init__(self):
         if self.kernel not in KERNELS:
@@ -70,7 +76,8 @@ class AttentionConfig:
         if self.kernel == "gluon" and (not gluon_shape or self.warp_specialize or self.emulate_exp2
                                        or self.num_stages < 2):
             raise ValueError("AttentionConfig: the Gluon kernel runs 64 x 128 tiles with 4 warps, fp8 P.V and a ring "
-                             f"of num_stages >= 2, without warp_specialize / emulate_exp2; got {self}")
+                             f"of num_stages >= 2, without warp_specialize / emulate_exp2 (AttentionConfig.gluon()); "
+                             f"got {self}")
         if self.pv not in PV_DTYPES:
             raise ValueError(f"AttentionConfig.pv must be one of {PV_DTYPES}, got {self.pv!r}")
         for name in ("block_m", "block_n"):

@@ -112,7 +112,8 @@ class RuntimeTransformer(nn.Module):
         self-attention (CogVideoX: its joint attention). Attention modules with ``cross_attention`` set (Wan's
         ``attn2``, queries to the text) take ``attention.cross_attention_mode(mode, cross_attention)``: bf16 SDPA
         unless ``cross_attention`` asks otherwise (its docstring holds the measurement). ``config``: the quantized
-        kernel's ``attention_triton.AttentionConfig`` (e.g. ``kernel="gluon"`` on Hopper); None: the default tiles."""
+        kernel's ``attention_triton.AttentionConfig`` (e.g. ``AttentionConfig.gluon()`` on Hopper); None: the default
+        tiles."""
         cross = cross_attention_mode(mode, cross_attention)
         for module in self.modules():
             if hasattr(module, "attention_mode"):
