@@ -34,17 +34,38 @@ def _rel(a, b):
 def _watch_boundaries(trainer, log):
     """Wrap the rank-decay step so that every boundary is checked from the optimizer's side, on every rank."""
     from megatron_qvgen.quant import quant_linears
+    from megatron_qvgen.quant.decay_moments import boundary_moment_remap
+    from megatron_qvgen.quant.distributed_svd import refactor_transforms
     from megatron_qvgen.training.main_params import MOMENTS, locate
 
     decay = trainer.decay
     apply_step = decay.on_step
+    realign = decay.schedule.quant.decay_moments == "realign"
+    moments = lambda p: locate(trainer.opt.optimizer, p).gather(MOMENTS)  # noqa: E731 - collective (DP pieces)
+
+    def expected_moments(layer, lm, rm, k):
+        """What realign must leave: the maps of decay_moments applied to the whole moments gathered before."""
+        t_l, t_r = refactor_transforms(lm[:, :k].float(), rm[:k].float(), l_sharded=layer._rows_split,
+                                       group=layer._tp_group_if_split)
+        ml, mr = ({m: w[m] for m in MOMENTS} for w in (moments(layer.aux_L), moments(layer.aux_R)))
+        want = (boundary_moment_remap("realign", t_r.T, k, left=True)(ml),
+                boundary_moment_remap("realign", t_l.T, k, left=False)(mr))
+        kept = (boundary_moment_remap("keep", t_r.T, k, left=True)(ml),
+                boundary_moment_remap("keep", t_l.T, k, left=False)(mr))
+        log["realign_change"].append(max(_rel(w["exp_avg"], c["exp_avg"]) for w, c in zip(want, kept)))
+        return want
 
     def on_step(step):
         k = decay.schedule.boundary_rank(step)
         layers = [l for l in quant_linears(trainer.student) if l.has_aux] if k else []
         masters = lambda l: (decay.adapter.full_master(l.aux_L).double(), decay.adapter.full_master(l.aux_R).double())
         before = [(lm[:, :k] @ rm[:k]) for lm, rm in map(masters, layers)] if k else []
+        expected = [expected_moments(l, *masters(l), k) for l in layers] if k and realign else []
         gate = apply_step(step)
+        for layer, want in zip(layers, expected):
+            for p, w in zip((layer.aux_L, layer.aux_R), want):
+                got = moments(p)
+                log["realign_error"].append(max(_rel(got[m], w[m]) for m in MOMENTS))
         if k:
             errors = []
             for layer, product in zip(layers, before):
@@ -72,7 +93,8 @@ def _train(rank, world, cfg, init_from, kill_at=None):
             super()._one_step(num_micro)
 
     trainer = Killable(cfg, init_from=init_from).setup()
-    log = {"rank": [], "gate": [], "product_error": [], "model_is_rounded_main": True, "moments_zero": True}
+    log = {"rank": [], "gate": [], "product_error": [], "model_is_rounded_main": True, "moments_zero": True,
+           "realign_error": [], "realign_change": []}
     _watch_boundaries(trainer, log)
     state = trainer.train()
     raw = trainer.opt.chunks[0].module
@@ -82,6 +104,8 @@ def _train(rank, world, cfg, init_from, kill_at=None):
         "product_error": torch.tensor(log["product_error"], dtype=torch.float64),
         "model_is_rounded_main": torch.tensor(log["model_is_rounded_main"]),
         "moments_zero": torch.tensor(log["moments_zero"]),
+        "realign_error": torch.tensor(log["realign_error"], dtype=torch.float64),
+        "realign_change": torch.tensor(log["realign_change"], dtype=torch.float64),
         "aux_params": torch.tensor(sum("aux_" in n for n, _ in raw.named_parameters())),
         "weights": {n: p.detach().clone() for n, p in raw.named_parameters()},
     }
@@ -120,15 +144,21 @@ def test_every_phase_to_rank_zero_equals_the_plain_optimizer(teacher_ckpt, world
     _check_equal(dopt, plain)
 
 
-def test_realigned_moments_with_distributed_optimizer_equal_the_plain_optimizer(teacher_ckpt):
-    """quant.decay_moments=realign: the moments are gathered from their DP pieces, re-mapped and written back;
-    the run equals the plain optimizer's with the same policy."""
+@pytest.mark.parametrize("world,tp", [(2, 1), (4, 2)], ids=["dp2", "tp2xdp2"])
+def test_realigned_moments_with_distributed_optimizer(teacher_ckpt, world, tp):
+    """quant.decay_moments=realign: at each boundary every factor's moments, gathered whole from their DP pieces
+    after it, equal the realign maps applied to those gathered before it (with the TP-reduced transforms); the run
+    equals the plain optimizer's with the same policy."""
     root, path = teacher_ckpt
-    plain = run_distributed(_train, 2, decay_cfg(str(root / "plain_realign"), distributed=False, moments="realign"),
-                            path)
-    dopt = run_distributed(_train, 2, decay_cfg(str(root / "dopt_realign"), moments="realign"), path)
-    _check_boundaries(dopt, RANKS, boundaries=2, reset=False)
-    _check_boundaries(plain, RANKS, boundaries=2, reset=False)
+    plain = run_distributed(_train, world, decay_cfg(str(root / f"plain_realign{world}"), tp, distributed=False,
+                                                     moments="realign"), path)
+    dopt = run_distributed(_train, world, decay_cfg(str(root / f"dopt_realign{world}"), tp, moments="realign"), path)
+    for out in (dopt, plain):
+        _check_boundaries(out, RANKS, boundaries=2, reset=False)
+        for r in out:
+            assert r["realign_error"].numel() > 0 and float(r["realign_error"].max()) < 1e-6, r["realign_error"]
+            # and realign is not "keep": the re-factoring rotates the kept columns' moments
+            assert float(r["realign_change"].max()) > 1e-3, r["realign_change"]
     _check_equal(dopt, plain)
 
 
