@@ -56,6 +56,19 @@ def toolchain() -> Dict[str, Path]:
     return tools
 
 
+def _compile(kernel, types: Dict[str, str], constants: Dict, aligned, options: Dict, source=ASTSource):
+    """``kernel`` for sm_90a: run-time arguments typed by ``types``, the rest constexpr from ``constants``; the
+    ``aligned`` arguments declared 16-divisible, as Triton's launcher specializes them on a GPU."""
+    names = kernel.arg_names
+    unknown = [n for n in names if n not in types and n not in constants]
+    if unknown:
+        raise KeyError(f"sm90_report does not know the arguments {unknown} of {kernel.__name__}")
+    signature = {n: types.get(n, "constexpr") for n in names}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned if n in names}
+    src = source(kernel, signature, constexprs={n: v for n, v in constants.items() if n in names}, attrs=attrs)
+    return triton.compile(src, target=HOPPER, options=options)
+
+
 def compile_attention(cfg: AttentionConfig, head_dim: int, kv_tokens: int, heads: int = 12):
     """The attention kernel as launched with ``cfg`` on [B, S, heads, head_dim] operands, compiled for sm_90a."""
     if cfg.kernel == "gluon":
@@ -69,14 +82,8 @@ def compile_attention(cfg: AttentionConfig, head_dim: int, kv_tokens: int, heads
     constants = dict(H=heads, SK=kv_tokens, D=d, BLOCK_M=bm, BLOCK_N=bn, PV_FP8=cfg.pv == "fp8",
                      LOG2_P=LOG2_P_SCALE, EXACT_FP8=False, WARP_SPECIALIZE=cfg.warp_specialize,
                      EMULATE_EXP2=cfg.emulate_exp2)
-    names = _attention_kernel.arg_names
-    unknown = [n for n in names if n not in types and n not in constants]
-    if unknown:
-        raise KeyError(f"sm90_report does not know the attention kernel's arguments {unknown}: update compile_attention")
-    signature = {n: types.get(n, "constexpr") for n in names}
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in _ALIGNED}
-    src = ASTSource(_attention_kernel, signature, constexprs=constants, attrs=attrs)
-    return triton.compile(src, target=HOPPER, options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    return _compile(_attention_kernel, types, constants, _ALIGNED,
+                    dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
 
 
 def compile_attention_gluon(cfg: AttentionConfig, head_dim: int, kv_tokens: int, heads: int = 12):
@@ -91,11 +98,8 @@ def compile_attention_gluon(cfg: AttentionConfig, head_dim: int, kv_tokens: int,
              "stride_os": "i32", "stride_oh": "i32"}
     constants = dict(H=heads, SK=kv_tokens, D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, STAGES=cfg.num_stages,
                      LOG2_P=LOG2_P_SCALE)
-    names = _attention_kernel_gluon.arg_names
-    signature = {n: types.get(n, "constexpr") for n in names}
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in _ALIGNED}
-    src = GluonASTSource(_attention_kernel_gluon, signature, constexprs=constants, attrs=attrs)
-    return triton.compile(src, target=HOPPER, options=dict(num_warps=cfg.num_warps))
+    return _compile(_attention_kernel_gluon, types, constants, _ALIGNED, dict(num_warps=cfg.num_warps),
+                    source=GluonASTSource)
 
 
 def compile_gemm(M: int, N: int, K: int, epilogue: Optional[str] = None, fp8: bool = False):
@@ -114,13 +118,9 @@ def compile_gemm(M: int, N: int, K: int, epilogue: Optional[str] = None, fp8: bo
     constants = dict(K=K, HAS_BIAS=True, EPILOGUE=kind, HAS_GATE=epilogue == "residual", LIBDEVICE=True,
                      FP8=fp8, FP8_PROMOTE_EVERY=128 if fp8 else 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                      BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m)
-    names = kernel.arg_names
-    signature = {n: types.get(n, "constexpr") for n in names}
-    aligned = [n for n in names if n.endswith("_ptr") or n in ("N", "stride_cm", "stride_rm")]
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    src = ASTSource(kernel, signature, constexprs={n: v for n, v in constants.items() if n in names}, attrs=attrs)
+    aligned = [n for n in kernel.arg_names if n.endswith("_ptr") or n in ("N", "stride_cm", "stride_rm")]
     options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False)
-    return cfg, triton.compile(src, target=HOPPER, options=options)
+    return cfg, _compile(kernel, types, constants, aligned, options)
 
 
 def gemm_report(name: str, M: int, N: int, K: int, epilogue: Optional[str], fp8: bool = False) -> Dict:
@@ -190,18 +190,10 @@ def innermost_loop(code: List[tuple], wanted) -> List[tuple]:
 
 def loop_stats(loop: List[tuple]) -> Dict[str, int]:
     ops = [e[1] for e in loop]
-    between, open_product = 0, False
-    for op, rest in ((e[1], e[2]) for e in loop):
-        if "GMMA" in op and "gsb0" in rest:
-            open_product = True
-        elif op.startswith("WARPGROUP.DEPBAR"):
-            open_product = False
-        elif open_product and op == "MUFU.EX2":
-            between += 1
     count = lambda prefix: sum(o.startswith(prefix) for o in ops)  # noqa: E731
     return dict(instructions=len(ops), mufu_ex2=count("MUFU.EX2"), ffma=count("FFMA"), igmma=count("IGMMA"),
                 qgmma=count("QGMMA") + count("HGMMA"), bar_sync=count("BAR.SYNC"),
-                exp2_under_products=between, exp2_in_flight=exp2_in_flight(loop),
+                exp2_in_flight=exp2_in_flight(loop),
                 local_memory=count("STL") + count("LDL"))
 
 

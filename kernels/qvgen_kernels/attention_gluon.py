@@ -19,6 +19,8 @@ session's first measurement.
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
@@ -153,6 +155,7 @@ def _attention_kernel_gluon(q_desc, k_desc, v_desc, q_scale_ptr, k_scale_ptr, v_
     gl.store(o, out, mask=gl.expand_dims(rows < SQ, 1))
 
 
+@lru_cache(maxsize=None)
 def descriptor_layouts(head_dim: int):
     """Shared-memory layouts of the Q, K and Vᵀ tiles (the TMA descriptors carry them)."""
     return (gl.NVMMASharedLayout.get_default_for([BLOCK_M, head_dim], gl.int8),

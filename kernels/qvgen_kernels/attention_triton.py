@@ -125,6 +125,14 @@ def _load_pairs(xb, rows, row_ok, stride_s, head_off, D2: tl.constexpr):
 
 
 @triton.jit
+def _token_rows(pid, S, BLK: tl.constexpr):
+    """The BLK token rows of block ``pid`` (int64; rows past S clamped to 0) and which of them exist."""
+    rows = pid * BLK + tl.arange(0, BLK)
+    row_ok = rows < S
+    return tl.where(row_ok, rows, 0).to(tl.int64), row_ok
+
+
+@triton.jit
 def _prep(xe, xo, rows, row_ok, h, rstd, nw_ptr, nb_ptr, cos_ptr, sin_ptr, rope_start, eps,
           NORM: tl.constexpr, ROPE: tl.constexpr, D2: tl.constexpr):
     j = tl.arange(0, D2)
@@ -162,11 +170,8 @@ def _rstd_kernel(x_ptr, rstd_ptr, S, stride_b, stride_s, stride_h, eps,
     head, computed once so the per-head passes can run in parallel. The tiles, the head order of the sum and the
     launch shape are the ones the quantization pass used when it looped over the heads itself: the same float32
     sums, so the codes did not change by a bit."""
-    pid = tl.program_id(0)
     b = tl.program_id(1)
-    rows = pid * BLK + tl.arange(0, BLK)
-    row_ok = rows < S
-    rows = tl.where(row_ok, rows, 0).to(tl.int64)
+    rows, row_ok = _token_rows(tl.program_id(0), S, BLK)
     xb = x_ptr + b.to(tl.int64) * stride_b
     ss = tl.zeros([BLK], tl.float32)
     for h in range(H):
@@ -188,9 +193,7 @@ def _qk_pass_kernel(x_ptr, codes_ptr, scale_ptr, mean_ptr, colsum_ptr, rstd_ptr,
     pid = tl.program_id(1)
     b = tl.program_id(2)
     H = tl.num_programs(0)
-    rows = pid * BLK + tl.arange(0, BLK)
-    row_ok = rows < S
-    rows = tl.where(row_ok, rows, 0).to(tl.int64)
+    rows, row_ok = _token_rows(pid, S, BLK)
     xb = x_ptr + b.to(tl.int64) * stride_b
     j = tl.arange(0, D2)
     rstd = tl.zeros([BLK], tl.float32)
