@@ -163,8 +163,9 @@ def descriptor_layouts(head_dim: int):
             gl.NVMMASharedLayout.get_default_for([head_dim, BLOCK_N], gl.float8e4nv))
 
 
-def attention_from_codes_gluon(qkv, out, num_stages: int, log2_p: float):
-    """Launch on quantized operands (``attention_triton.QuantizedQKV``, K in blocks of 128, fp8 Vᵀ)."""
+def launch(qkv, out, num_stages: int, log2_p: float):
+    """The kernel, its grid and its arguments on quantized operands (``attention_triton.QuantizedQKV``, K in blocks
+    of 128, fp8 Vᵀ): what ``attention_from_codes_gluon`` launches and tests/gluon_emulator.py runs on the CPU."""
     import triton
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
@@ -175,8 +176,15 @@ def attention_from_codes_gluon(qkv, out, num_stages: int, log2_p: float):
     q_desc = TensorDescriptor(qkv.q_codes, [B * H * SQ, D], [D, 1], [BLOCK_M, D], q_layout)
     k_desc = TensorDescriptor(qkv.k_codes, [B * H * SK, D], [D, 1], [BLOCK_N, D], k_layout)
     v_desc = TensorDescriptor(qkv.vt, [B * H * D, s_pad], [s_pad, 1], [D, BLOCK_N], v_layout)
-    _attention_kernel_gluon[(triton.cdiv(SQ, BLOCK_M), B * H)](
-        q_desc, k_desc, v_desc, qkv.q_scale, qkv.k_scale, qkv.v_scale, out, SQ, out.stride(0), out.stride(1),
-        out.stride(2), H=H, SK=SK, D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=num_stages, LOG2_P=log2_p,
-        num_warps=NUM_WARPS)
+    args = (q_desc, k_desc, v_desc, qkv.q_scale, qkv.k_scale, qkv.v_scale, out, SQ, out.stride(0), out.stride(1),
+            out.stride(2))
+    constants = dict(H=H, SK=SK, D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=num_stages, LOG2_P=log2_p,
+                     num_warps=NUM_WARPS)
+    return _attention_kernel_gluon, (triton.cdiv(SQ, BLOCK_M), B * H), args, constants
+
+
+def attention_from_codes_gluon(qkv, out, num_stages: int, log2_p: float):
+    """Launch on quantized operands (see ``launch``)."""
+    kernel, grid, args, constants = launch(qkv, out, num_stages, log2_p)
+    kernel[grid](*args, **constants)
     return out

@@ -1,0 +1,111 @@
+"""The Gluon attention kernel run on the CPU by tests/gluon_emulator.py: the same output as the Triton kernel on the
+same operands, no race, no hang; and the emulator's checks shown to fire on the bugs a Gluon kernel can have
+(each a one-line mutation of the kernel's source).
+
+The Triton reference runs in Triton's interpreter here (tests/test_kernels_interpreter.py) or on a GPU; the Gluon
+kernel always runs in the emulator, on CPU copies of the operands.
+"""
+import importlib.util
+import os
+from dataclasses import fields, replace
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")   # before the kernels are decorated
+
+import pytest  # noqa: E402
+
+from qvgen_kernels.triton_env import INTERPRETER_HINT, interpreter_active  # noqa: E402
+
+if not torch.cuda.is_available() and not interpreter_active():
+    pytest.skip(INTERPRETER_HINT, allow_module_level=True)
+
+from qvgen_kernels import attention_gluon  # noqa: E402
+from qvgen_kernels.attention import attention_float64  # noqa: E402
+from qvgen_kernels.attention_triton import (LOG2_P_SCALE, AttentionConfig, attention_from_codes,  # noqa: E402
+                                            quantize_qkv)
+from tests.gluon_emulator import GluonEmulationError, emulate  # noqa: E402
+from tests.numerics import max_rel_diff  # noqa: E402
+from tests.test_attention import cosine, qkv  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TRITON_TILES = AttentionConfig(block_m=64, block_n=128, num_warps=4, num_stages=2)   # the Gluon kernel's tiles
+
+
+def _operands(B, SQ, SK, H, D, seed):
+    q, k, v = (t.to(DEVICE) for t in qkv(B, SQ, SK, H, D, seed=seed, scale=1.5))
+    return q, k, v, quantize_qkv(q, k, v, config=TRITON_TILES)
+
+
+def _emulated(module, codes, q, stages):
+    cpu = replace(codes, **{f.name: getattr(codes, f.name).cpu() for f in fields(codes)
+                            if isinstance(getattr(codes, f.name), torch.Tensor)})
+    out = torch.full(q.shape, float("nan"), dtype=q.dtype)
+    kernel, grid, args, constants = module.launch(cpu, out, stages, LOG2_P_SCALE)
+    emulate(kernel, grid, *args, **constants)
+    return out
+
+
+@pytest.mark.parametrize("B, SQ, SK, H, D, stages", [
+    (1, 100, 300, 2, 64, 2),      # partial last key block, d = 64
+    (2, 70, 256, 2, 128, 3),      # whole key blocks, two samples
+    (1, 50, 100, 1, 128, 3),      # one key block, fewer than the ring's slots
+    (1, 130, 1000, 2, 128, 2),    # eight key blocks: the ring turns four times
+    (1, 64, 512, 3, 64, 3),       # the text's 512 keys, one query tile
+])
+def test_gluon_kernel_computes_what_the_triton_kernel_computes(B, SQ, SK, H, D, stages):
+    q, k, v, codes = _operands(B, SQ, SK, H, D, seed=SK + D)
+    ref = attention_from_codes(codes, torch.empty_like(q), TRITON_TILES).cpu()
+    got = _emulated(attention_gluon, codes, q, stages)
+    assert torch.isfinite(got).all(), "rows left unwritten"
+    assert max_rel_diff(got, ref) <= 1e-5          # same operands, same math; float sums in another order
+    assert cosine(got, attention_float64(q.cpu(), k.cpu(), v.cpu())) >= 0.999
+
+
+# Each a bug the emulator must catch: (what the mutation does, old text, new text, the error it must raise).
+KERNEL_SOURCE = Path(attention_gluon.__file__).read_text()
+_LOOP_PV_WAIT = "        pv = warpgroup_mma_wait(0, deps=[pv_tok])                                    # PV_j done: slot j is free\n"
+_LOOP_ACC = "        acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1) + pv\n    p8, alpha"
+MUTATIONS = {
+    "phase parity off by one": ("mbarrier.wait(k_bars.index(s), (blk // STAGES) & 1)",
+                                "mbarrier.wait(k_bars.index(s), (blk // STAGES + 1) & 1)",
+                                "reads .* while a TMA copy into it is in flight"),
+    "slot refilled before its P.V is waited for": (_LOOP_PV_WAIT + "        gl.thread_barrier()",
+                                                   "        gl.thread_barrier()", None),
+    "fence after the barrier init missing": ("    fence_async_shared()\n", "\n",
+                                             "before fence_async_shared"),
+    "prologue loads one block too few": ("    for b in gl.static_range(STAGES):\n        _load_kv(",
+                                         "    for b in gl.static_range(STAGES - 1):\n        _load_kv(",
+                                         "never returns"),
+    "refill past the last key block": ("j + STAGES < NBLK)", "j + STAGES <= NBLK)",
+                                       "invalidate of .* with 1 TMA copies"),
+    "a product returned before its wait": ("qk = warpgroup_mma_wait(1, deps=[s_tok])",
+                                           "qk = warpgroup_mma_wait(2, deps=[s_tok])", "still in flight"),
+    "output rows past SQ stored": ("gl.store(o, out, mask=gl.expand_dims(rows < SQ, 1))", "gl.store(o, out)",
+                                   "out-of-bounds access through o_ptr"),
+}
+
+
+def _mutant(name, tmp_path):
+    old, new, _ = MUTATIONS[name]
+    assert KERNEL_SOURCE.count(old) == 1, f"mutation {name!r} no longer applies to attention_gluon.py"
+    source = KERNEL_SOURCE.replace(old, new)
+    if name == "slot refilled before its P.V is waited for":        # the wait moves after the refill
+        assert source.count(_LOOP_ACC) == 1
+        source = source.replace(_LOOP_ACC, _LOOP_PV_WAIT + _LOOP_ACC)
+    path = tmp_path / f"mutant_{abs(hash(name))}.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", list(MUTATIONS))
+def test_the_emulator_catches_each_kind_of_bug(name, tmp_path):
+    q, k, v, codes = _operands(1, 100, 600, 1, 128, seed=7)
+    match = MUTATIONS[name][2] or "TMA copy into .* while an outstanding warpgroup_mma reads it"
+    with pytest.raises(GluonEmulationError, match=match):
+        _emulated(_mutant(name, tmp_path), codes, q, stages=2)
