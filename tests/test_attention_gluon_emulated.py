@@ -31,7 +31,7 @@ from tests.numerics import max_rel_diff  # noqa: E402
 from tests.test_attention import cosine, qkv  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TRITON_TILES = AttentionConfig(block_m=64, block_n=128, num_warps=4, num_stages=2)   # the Gluon kernel's tiles
+TRITON_TILES = AttentionConfig(block_m=64, block_n=128, num_warps=4, num_stages=2)   # K in the Gluon kernel's blocks
 
 
 def _operands(B, SQ, SK, H, D, seed):
@@ -39,11 +39,11 @@ def _operands(B, SQ, SK, H, D, seed):
     return q, k, v, quantize_qkv(q, k, v, config=TRITON_TILES)
 
 
-def _emulated(module, codes, q, stages):
+def _emulated(module, codes, q, stages, block_m=64):
     cpu = replace(codes, **{f.name: getattr(codes, f.name).cpu() for f in fields(codes)
                             if isinstance(getattr(codes, f.name), torch.Tensor)})
     out = torch.full(q.shape, float("nan"), dtype=q.dtype)
-    kernel, grid, args, constants = module.launch(cpu, out, stages, LOG2_P_SCALE)
+    kernel, grid, args, constants = module.launch(cpu, out, stages, LOG2_P_SCALE, block_m)
     emulate(kernel, grid, *args, **constants)
     return out
 
@@ -55,10 +55,11 @@ def _emulated(module, codes, q, stages):
     (1, 130, 1000, 2, 128, 2),    # eight key blocks: the ring turns four times
     (1, 64, 512, 3, 64, 3),       # the text's 512 keys, one query tile
 ])
-def test_gluon_kernel_computes_what_the_triton_kernel_computes(B, SQ, SK, H, D, stages):
+@pytest.mark.parametrize("block_m", [64, 128])      # one warp group, or two sharing the K / V tiles
+def test_gluon_kernel_computes_what_the_triton_kernel_computes(B, SQ, SK, H, D, stages, block_m):
     q, k, v, codes = _operands(B, SQ, SK, H, D, seed=SK + D)
     ref = attention_from_codes(codes, torch.empty_like(q), TRITON_TILES).cpu()
-    got = _emulated(attention_gluon, codes, q, stages)
+    got = _emulated(attention_gluon, codes, q, stages, block_m)
     assert torch.isfinite(got).all(), "rows left unwritten"
     assert max_rel_diff(got, ref) <= 1e-5          # same operands, same math; float sums in another order
     assert cosine(got, attention_float64(q.cpu(), k.cpu(), v.cpu())) >= 0.999

@@ -232,8 +232,9 @@ def test_emulated_exp2_attention_stays_on_the_reference(sk):
 
 
 def test_gluon_kernel_is_refused_off_hopper_and_at_other_tiles():
-    with pytest.raises(ValueError, match="64 x 128 tiles with 4 warps"):
-        AttentionConfig(block_m=128, kernel="gluon")
+    with pytest.raises(ValueError, match="64 x 128 tiles with 4 warps or 128 x 128 with 8"):
+        AttentionConfig(block_m=128, num_warps=4, kernel="gluon")
+    assert AttentionConfig.gluon(3, block_m=128).num_warps == 8
     with pytest.raises(ValueError, match="kernel must be one of"):
         AttentionConfig(kernel="cuda")
     if torch.cuda.is_available():
@@ -252,14 +253,15 @@ def test_gluon_kernel_is_refused_off_hopper_and_at_other_tiles():
                                           (4096, 512, 4, 128),       # Wan cross-attention to the text
                                           (32760, 32760, 2, 128)])   # Wan 480p self-attention
 @pytest.mark.parametrize("stages", [2, 3])
-def test_gluon_kernel_computes_what_the_triton_kernel_computes(SQ, SK, H, D, stages):
+@pytest.mark.parametrize("block_m", [64, 128])
+def test_gluon_kernel_computes_what_the_triton_kernel_computes(SQ, SK, H, D, stages, block_m):
     """The same operands through both kernels: the same math in the same order of accumulation, so the outputs
     agree to bf16 rounding; and both stay on float64."""
     q, k, v = (t.to("cuda", torch.bfloat16) for t in qkv(1, SQ, SK, H, D, seed=SK + D, scale=1.5))
     cfg = AttentionConfig(block_m=64, block_n=128, num_warps=4, num_stages=stages)
     qkv_codes = quantize_qkv(q, k, v, config=cfg)
     ref = attention_from_codes(qkv_codes, torch.empty_like(q), cfg)
-    got = attention_from_codes(qkv_codes, torch.empty_like(q), AttentionConfig.gluon(stages))
+    got = attention_from_codes(qkv_codes, torch.empty_like(q), AttentionConfig.gluon(stages, block_m))
     torch.cuda.synchronize()
     assert torch.isfinite(got).all()
     assert max_rel_diff(got, ref) <= 1e-2, max_rel_diff(got, ref)

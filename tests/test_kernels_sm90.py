@@ -53,13 +53,14 @@ def test_default_int8_gemm_builds_for_hopper_without_spills_in_its_k_loop(N, K, 
     assert g["k_loop_instructions"] > 0 and g["spill_instructions_in_k_loop"] == 0, g
 
 
-@pytest.mark.parametrize("head_dim,kv_tokens,stages", [(128, 32760, 2), (128, 32760, 3), (128, 512, 2), (64, 17776, 2),
-                                                       (128, 100, 3)])
-def test_gluon_kernel_builds_and_issues_the_softmax_under_the_next_product(head_dim, kv_tokens, stages):
+@pytest.mark.parametrize("head_dim,kv_tokens,stages,block_m", [
+    (128, 32760, 2, 64), (128, 32760, 3, 64), (128, 512, 2, 64), (64, 17776, 2, 64), (128, 100, 3, 64),
+    (128, 32760, 2, 128), (64, 17776, 3, 128)])
+def test_gluon_kernel_builds_and_issues_the_softmax_under_the_next_product(head_dim, kv_tokens, stages, block_m):
     """attention_gluon at Wan self-attention (a partial last key block), the 512 text keys, CogVideoX's d = 64, and
-    fewer keys than ring slots: no spills; at d = 128 every exp2 of the key loop is issued while the next block's
-    Q.K product runs (the Triton kernel: none)."""
-    cfg = AttentionConfig.gluon(stages)
+    fewer keys than ring slots, with one warp group or two: no spills; at d = 128 every exp2 of the key loop is
+    issued while the next block's Q.K product runs (the Triton kernel: none)."""
+    cfg = AttentionConfig.gluon(stages, block_m)
     rep = report.report(cfg, head_dim, kv_tokens=kv_tokens)
     assert rep.error is None, rep.error
     assert rep.spill_stores == 0 and rep.spill_loads == 0, rep

@@ -14,6 +14,8 @@ SWEEPS = {128: [(128, 128, 8, 2), (128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 
 SWEEP_SHAPES = [1, 4]     # wan14b_self (d = 128), cogvideox2b_joint (d = 64)
 TINY_SWEEPS = {64: [(32, 32, 4, 2), (16, 32, 4, 2), (32, 32, 4, 2, "fp8", True),     # block_n >= 32: fp8 P.V
                     (32, 32, 4, 2, "fp8", False, True)]}
-# The Gluon kernel (softmax under the next block's Q.K product), rings of 2 and 3 K / V stages: a section of its own
-# ("gluon", last), which run_gpu.sh leaves out unless the kernel's GPU parity test passed (it has never run).
-GLUON_SWEEP = [(64, 128, 4, 2, "fp8", False, False, "gluon"), (64, 128, 4, 3, "fp8", False, False, "gluon")]
+# The Gluon kernel (softmax under the next block's Q.K product), rings of 2 and 3 K / V stages, 64 query rows (one
+# warp group) or 128 (two, sharing each K / V tile: half the L2 traffic): a section of its own ("gluon", last),
+# which run_gpu.sh leaves out unless the kernel's GPU parity test passed (it has never run on a GPU).
+GLUON_SWEEP = [(64, 128, 4, 2, "fp8", False, False, "gluon"), (64, 128, 4, 3, "fp8", False, False, "gluon"),
+               (128, 128, 8, 2, "fp8", False, False, "gluon"), (128, 128, 8, 3, "fp8", False, False, "gluon")]

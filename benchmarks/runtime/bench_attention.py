@@ -86,6 +86,15 @@ def bench_attention_sweep(out: dict, tiny: bool, save, gluon: bool = False):
         q = k = v = ref = None
 
 
+def fastest_gluon_config(out: dict, head_dim: int):
+    """The quickest row of the Gluon sweep at ``head_dim`` in this run (None if none ran), for the whole-model column."""
+    from qvgen_kernels.attention_triton import AttentionConfig
+    dims = {name: D for name, _, _, _, D in SHAPES + TINY_SHAPES}
+    rows = [r for key, sweep in out.get("attention", {}).items() if key.startswith("sweep_gluon_")
+            and dims.get(key[len("sweep_gluon_"):]) == head_dim for r in sweep if "kernel_ms" in r]
+    return AttentionConfig(**min(rows, key=lambda r: r["kernel_ms"])["config"]) if rows else None
+
+
 def wan_preps(S: int, H: int, D: int):
     """QKPrep of Wan's q and k: RMSNorm across the heads (random weights) and random rotary tables."""
     from qvgen_kernels.attention import QKPrep

@@ -37,7 +37,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))
-from bench_attention import bench_attention, bench_attention_sweep, bench_sage_attention  # noqa: E402
+from bench_attention import (bench_attention, bench_attention_sweep, bench_sage_attention,  # noqa: E402
+                             fastest_gluon_config)
 from bench_sampling import bench_sampling  # noqa: E402
 from bench_wan import breakdown, build  # noqa: E402
 from columns import (COLUMNS, DEVICE, GLUON_COLUMNS, RUNTIMES, SAGE_COLUMNS, START, inputs, left, make,  # noqa: E402
@@ -76,10 +77,11 @@ SECTION_MIN_S = dict(sweep=60, sage=60, sampling=90, wan14b_720p=120, cogvideox5
 COMPILE_MIN_S = 150         # compile takes ~1 min, then the forwards
 
 
-def bench_model(name: str, spec: dict, out: dict, budget: float, reps: int, save, columns=COLUMNS):
+def bench_model(name: str, spec: dict, out: dict, budget: float, reps: int, save, columns=COLUMNS,
+                attention_config=None):
     res = out.setdefault(name, {})
     run_columns(res, columns, lambda c: COMPILE_MIN_S if c == "diffusers_compile" else spec.get("column_min_s", 20),
-                lambda c: measure(c, spec, reps), name, budget, save)
+                lambda c: measure(c, spec, reps, attention_config), name, budget, save)
     add_speedups(res, "ms")
 
 
@@ -90,9 +92,10 @@ def run_section(section: str, args, out: dict, save):
         bench_attention_sweep(out, args.tiny, save)
     elif section == "gluon":        # last: a kernel that has never run could hang the process
         bench_attention_sweep(out, args.tiny, save, gluon=True)
-        for name, spec in MODELS.items():
+        for name, spec in MODELS.items():       # each model with the quickest Gluon tiles at its head dim
             if name in out:
-                bench_model(name, spec, out, args.budget_s, args.reps, save, GLUON_COLUMNS)
+                bench_model(name, spec, out, args.budget_s, args.reps, save, GLUON_COLUMNS,
+                            fastest_gluon_config(out, spec["cfg"]["attention_head_dim"]))
     elif section in MODELS:
         columns = COLUMNS + SAGE_COLUMNS if section in ("wan14b_720p", "cogvideox5b") else COLUMNS
         bench_model(section, MODELS[section], out, args.budget_s, args.reps, save, columns)

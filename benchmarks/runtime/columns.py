@@ -82,9 +82,10 @@ def rotary_tables(spec: dict):
     return tuple(t.to(DEVICE) for t in rotary_positions(cfg, grid))
 
 
-def make(column: str, spec: dict):
+def make(column: str, spec: dict, attention_config=None):
     """(model, call, notes) of one column; ``notes`` (a dict) says how the column was made where that is not
-    obvious, and the sage column counts its calls there."""
+    obvious, and the sage column counts its calls there. ``attention_config``: the Gluon column's tiles (default
+    ``AttentionConfig.gluon()``)."""
     kind, cfg = spec["kind"], spec["cfg"]
     latents, text, t = inputs(spec)
     notes = {}
@@ -110,7 +111,9 @@ def make(column: str, spec: dict):
     else:
         from qvgen_kernels.attention_triton import AttentionConfig
         fast = "int8" in column or "gluon" in column
-        config = AttentionConfig.gluon() if "gluon" in column else None    # a ring of two K / V stages
+        config = (attention_config or AttentionConfig.gluon()) if "gluon" in column else None
+        if config is not None:
+            notes["attention_config"] = dict(config.__dict__)
         model = build(RUNTIMES[kind], cfg, quantized=True).set_attention("int8" if fast else "bf16", config=config)
         model.set_fusion(fast)
         if column.endswith("graph"):
@@ -133,14 +136,14 @@ def make(column: str, spec: dict):
 
 
 @torch.no_grad()
-def measure(column: str, spec: dict, reps: int) -> dict:
+def measure(column: str, spec: dict, reps: int, attention_config=None) -> dict:
     """Median of ``reps`` timed forwards after two untimed ones (compile / capture, then warm), times the spec's
     ``scale`` (the blocks a subset stands for)."""
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
-    model, call, notes = make(column, spec)
+    model, call, notes = make(column, spec, attention_config)
     build_s = time.time() - t0
     t0 = time.time()
     y = call()                       # compiles / captures

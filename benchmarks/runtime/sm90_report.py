@@ -90,7 +90,7 @@ def compile_attention_gluon(cfg: AttentionConfig, head_dim: int, kv_tokens: int,
     """attention_gluon's kernel for sm_90a (its descriptors carry their shared-memory layouts)."""
     from triton.experimental.gluon._runtime import GluonASTSource
     d = head_dim
-    layouts = descriptor_layouts(d)
+    layouts = descriptor_layouts(d, cfg.block_m)
     desc = lambda el, block, layout: f"tensordesc<{el}[{block[0]}, {block[1]}],{layout!r}>"  # noqa: E731
     types = {"q_desc": desc("i8", [cfg.block_m, d], layouts[0]), "k_desc": desc("i8", [cfg.block_n, d], layouts[1]),
              "v_desc": desc("fp8e4nv", [d, cfg.block_n], layouts[2]), "q_scale_ptr": "*fp32",

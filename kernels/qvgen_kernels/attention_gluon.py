@@ -9,13 +9,15 @@ intra-warpgroup overlap). Compiled for sm_90a on the CPU at d = 128 with a ring 
 key block are issued with that product outstanding (ring of 3: 59; d = 64, a shorter product: 26), against none
 in the Triton kernel (``tests/test_kernels_sm90.py``).
 
-One program: 64 queries of one (batch, head), 4 warps (one warp group) that also issue the TMA loads of K and Vᵀ
-into a ring of ``num_stages`` shared-memory slots, one mbarrier a slot and operand; a slot is refilled once the
-products that read it have been waited for. The last key block, when partial, gives its keys past SK -inf.
+One program: 64 or 128 queries of one (batch, head), one warp group a 64 rows; its warps also issue the TMA loads
+of K and Vᵀ into a ring of ``num_stages`` shared-memory slots, one mbarrier a slot and operand; a slot is refilled
+once the products that read it have been waited for. The last key block, when partial, gives its keys past SK
+-inf. 128 rows read each K / V tile once for two warp groups: half the L2 traffic of 64-row programs.
 
-Runs on Hopper only (no interpreter for Gluon): ``AttentionConfig.gluon()``; the GPU tests compare it with the
-Triton kernel. Not yet run on a GPU (2026-12-05): correctness, barrier phases and speed are the next device
-session's first measurement.
+Runs on Hopper only: ``AttentionConfig.gluon()``; the GPU tests compare it with the Triton kernel. Gluon has no
+interpreter; tests/gluon_emulator.py runs this source on the CPU with its TMA copies, mbarrier phases and async
+products modelled (tests/test_attention_gluon_emulated.py: the Triton kernel's output, no race, no hang). Not yet
+run on a GPU (2026-12-05): speed, and anything the emulator does not model, are the next device session's.
 """
 from __future__ import annotations
 
@@ -26,9 +28,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
-BLOCK_M = 64          # one warp group, m64 wgmma atoms
+BLOCK_MS = (64, 128)  # query rows a program: one warp group (m64 wgmma atoms) a 64 rows
 BLOCK_N = 128
-NUM_WARPS = 4
 
 
 @gluon.jit
@@ -84,11 +85,13 @@ def _attention_kernel_gluon(q_desc, k_desc, v_desc, q_scale_ptr, k_scale_ptr, v_
                             stride_ob, stride_os, stride_oh,
                             H: gl.constexpr, SK: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
                             BLOCK_N: gl.constexpr, STAGES: gl.constexpr, LOG2_P: gl.constexpr):
-    gl.static_assert(BLOCK_M == 64, "one warp group: 64-row tiles")
+    gl.static_assert(BLOCK_M == 64 or BLOCK_M == 128, "one or two warp groups: 64- or 128-row tiles")
     NBLK: gl.constexpr = (SK + BLOCK_N - 1) // BLOCK_N
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+    WARPS: gl.constexpr = BLOCK_M // 16
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                        instr_shape=[16, BLOCK_N, 32])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 32])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
+                                                       instr_shape=[16, D, 32])
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
@@ -144,7 +147,7 @@ def _attention_kernel_gluon(q_desc, k_desc, v_desc, q_scale_ptr, k_scale_ptr, v_
         mbarrier.invalidate(v_bars.index(s))
 
     out_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 * 8 // D, D // 8],
-                                                warps_per_cta=[4, 1], order=[1, 0])
+                                                warps_per_cta=[WARPS, 1], order=[1, 0])
     vs = gl.load(v_scale_ptr + bh * D + gl.arange(0, D, layout=gl.SliceLayout(0, o_layout)))
     out = acc * gl.expand_dims(vs, 0) / gl.expand_dims(gl.convert_layout(l_i, row_o), 1)
     out = gl.convert_layout(out.to(o_ptr.dtype.element_ty), out_layout)
@@ -156,14 +159,14 @@ def _attention_kernel_gluon(q_desc, k_desc, v_desc, q_scale_ptr, k_scale_ptr, v_
 
 
 @lru_cache(maxsize=None)
-def descriptor_layouts(head_dim: int):
+def descriptor_layouts(head_dim: int, block_m: int = 64):
     """Shared-memory layouts of the Q, K and Vᵀ tiles (the TMA descriptors carry them)."""
-    return (gl.NVMMASharedLayout.get_default_for([BLOCK_M, head_dim], gl.int8),
+    return (gl.NVMMASharedLayout.get_default_for([block_m, head_dim], gl.int8),
             gl.NVMMASharedLayout.get_default_for([BLOCK_N, head_dim], gl.int8),
             gl.NVMMASharedLayout.get_default_for([head_dim, BLOCK_N], gl.float8e4nv))
 
 
-def launch(qkv, out, num_stages: int, log2_p: float):
+def launch(qkv, out, num_stages: int, log2_p: float, block_m: int = 64):
     """The kernel, its grid and its arguments on quantized operands (``attention_triton.QuantizedQKV``, K in blocks
     of 128, fp8 Vᵀ): what ``attention_from_codes_gluon`` launches and tests/gluon_emulator.py runs on the CPU."""
     import triton
@@ -172,19 +175,21 @@ def launch(qkv, out, num_stages: int, log2_p: float):
     B, H, SQ, D = qkv.q_codes.shape
     SK = qkv.k_codes.shape[2]
     s_pad = qkv.vt.shape[-1]
-    q_layout, k_layout, v_layout = descriptor_layouts(D)
-    q_desc = TensorDescriptor(qkv.q_codes, [B * H * SQ, D], [D, 1], [BLOCK_M, D], q_layout)
+    if block_m not in BLOCK_MS:
+        raise ValueError(f"the Gluon attention kernel runs {BLOCK_MS} query rows a program, got {block_m}")
+    q_layout, k_layout, v_layout = descriptor_layouts(D, block_m)
+    q_desc = TensorDescriptor(qkv.q_codes, [B * H * SQ, D], [D, 1], [block_m, D], q_layout)
     k_desc = TensorDescriptor(qkv.k_codes, [B * H * SK, D], [D, 1], [BLOCK_N, D], k_layout)
     v_desc = TensorDescriptor(qkv.vt, [B * H * D, s_pad], [s_pad, 1], [D, BLOCK_N], v_layout)
     args = (q_desc, k_desc, v_desc, qkv.q_scale, qkv.k_scale, qkv.v_scale, out, SQ, out.stride(0), out.stride(1),
             out.stride(2))
-    constants = dict(H=H, SK=SK, D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=num_stages, LOG2_P=log2_p,
-                     num_warps=NUM_WARPS)
-    return _attention_kernel_gluon, (triton.cdiv(SQ, BLOCK_M), B * H), args, constants
+    constants = dict(H=H, SK=SK, D=D, BLOCK_M=block_m, BLOCK_N=BLOCK_N, STAGES=num_stages, LOG2_P=log2_p,
+                     num_warps=block_m // 16)
+    return _attention_kernel_gluon, (triton.cdiv(SQ, block_m), B * H), args, constants
 
 
-def attention_from_codes_gluon(qkv, out, num_stages: int, log2_p: float):
+def attention_from_codes_gluon(qkv, out, num_stages: int, log2_p: float, block_m: int = 64):
     """Launch on quantized operands (see ``launch``)."""
-    kernel, grid, args, constants = launch(qkv, out, num_stages, log2_p)
+    kernel, grid, args, constants = launch(qkv, out, num_stages, log2_p, block_m)
     kernel[grid](*args, **constants)
     return out

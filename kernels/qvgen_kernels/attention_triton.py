@@ -60,22 +60,25 @@ class AttentionConfig:
     # trick; P is fp8, far coarser than the cubic's 7.5e-5). Off until measured on a GPU.
     emulate_exp2: bool = False
     # "triton" (this file) or "gluon" (attention_gluon.py: the softmax under the next block's Q.K product; Hopper
-    # only, 64 x 128 tiles, 4 warps, fp8 P.V; num_stages = its K / V ring depth: AttentionConfig.gluon()). Not yet
-    # run on a GPU.
+    # only, 64 or 128 x 128 tiles, one warp group a 64 rows, fp8 P.V; num_stages = its K / V ring depth:
+    # AttentionConfig.gluon()). Not yet run on a GPU; run on the CPU by tests/gluon_emulator.py.
     kernel: str = "triton"
 
     @classmethod
-    def gluon(cls, num_stages: int = 2) -> "AttentionConfig":
-        """The Gluon kernel's config: its only tiles (64 x 128, one warp group) and a ring of ``num_stages``."""
-        return cls(block_m=64, block_n=128, num_warps=4, num_stages=num_stages, kernel="gluon")
+    def gluon(cls, num_stages: int = 2, block_m: int = 64) -> "AttentionConfig":
+        """The Gluon kernel's config: 64 or 128 query rows (one or two warp groups) against 128-key blocks, and a
+        ring of ``num_stages`` K / V slots. 128 rows halve the K / V traffic from L2 (benchmarks/runtime/RESULTS.md)."""
+        return cls(block_m=block_m, block_n=128, num_warps=block_m // 16, num_stages=num_stages, kernel="gluon")
 
     def __post_init__(self):
         if self.kernel not in KERNELS:
             raise ValueError(f"AttentionConfig.kernel must be one of {KERNELS}, got {self.kernel!r}")
-        gluon_shape = (self.block_m, self.block_n, self.num_warps, self.pv) == (64, 128, 4, "fp8")
+        gluon_shape = (self.block_m in (64, 128) and (self.block_n, self.num_warps, self.pv)
+                       == (128, self.block_m // 16, "fp8"))
         if self.kernel == "gluon" and (not gluon_shape or self.warp_specialize or self.emulate_exp2
                                        or self.num_stages < 2):
-            raise ValueError("AttentionConfig: the Gluon kernel runs 64 x 128 tiles with 4 warps, fp8 P.V and a ring "
+            raise ValueError("AttentionConfig: the Gluon kernel runs 64 x 128 tiles with 4 warps or 128 x 128 with 8, "
+                             "fp8 P.V and a ring "
                              f"of num_stages >= 2, without warp_specialize / emulate_exp2 (AttentionConfig.gluon()); "
                              f"got {self}")
         if self.pv not in PV_DTYPES:
@@ -489,7 +492,7 @@ def attention_from_codes(qkv: QuantizedQKV, out: torch.Tensor,
             raise ValueError("AttentionConfig(kernel='gluon') runs on a Hopper GPU only (Gluon has no interpreter); "
                              "use kernel='triton' here")
         from .attention_gluon import attention_from_codes_gluon
-        return attention_from_codes_gluon(qkv, out, cfg.num_stages, LOG2_P_SCALE)
+        return attention_from_codes_gluon(qkv, out, cfg.num_stages, LOG2_P_SCALE, cfg.block_m)
     s_pad = qkv.vt.shape[-1]
     q_desc = TensorDescriptor(qkv.q_codes, [B * H * SQ, D], [D, 1], [cfg.block_m, D])
     k_desc = TensorDescriptor(qkv.k_codes, [B * H * SK, D], [D, 1], [cfg.block_n, D])
