@@ -46,10 +46,14 @@ class ETensor(torch.Tensor):
 
 
 def _reg(x) -> ETensor:
+    if isinstance(x, MMAToken):
+        x = x.value()
     return x if isinstance(x, ETensor) else torch.as_tensor(x).as_subclass(ETensor)
 
 
 def _plain(x):
+    if isinstance(x, MMAToken):
+        x = x.value()
     return x.as_subclass(torch.Tensor) if isinstance(x, torch.Tensor) else x
 
 
@@ -221,12 +225,29 @@ class BarrierArray:
 
 
 class MMAToken:
+    """An asynchronous product. Its value exists once a ``warpgroup_mma_wait`` has completed it; before that it can
+    only be waited for or chained as the accumulator of the next product (which the hardware orders after it)."""
+
     def __init__(self, a, b, use_acc, acc):
         self.a, self.b, self.use_acc, self.acc = a, b, use_acc, acc
         self.result = None
 
     def compute(self):
         self.result = _product(self.a, self.b, self.acc if self.use_acc else None)
+
+    def value(self):
+        if self.result is None:
+            raise GluonEmulationError("an asynchronous warpgroup_mma result is used before a warpgroup_mma_wait "
+                                      "completed it")
+        return self.result
+
+    def _early(self, *args):
+        return _reg(self)          # raises unless completed
+
+    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __truediv__ = __getitem__ = _early
+
+    def to(self, *args, **kwargs):
+        return _reg(self).to(*args, **kwargs)
 
 
 def _operand(x):
@@ -244,7 +265,7 @@ def _product(a, b, acc):
     else:
         raise GluonEmulationError(f"warpgroup_mma of {a.dtype} by {b.dtype}")
     if acc is not None:
-        out = out + _plain(acc)
+        out = out + _plain(acc)     # a chained accumulator token was completed first: products complete in order
     return _reg(out)
 
 
@@ -288,8 +309,14 @@ class Program:
         self.barriers = []
         self.n_alloc = 0
 
-    # -- gl --------------------------------------------------------------------------------------------------
+    # -- gl, and tl for the Triton functions a Gluon kernel calls ------------------------------------------------
     def gl(self):
+        return _Namespace("gl", **self._language())
+
+    def tl(self):
+        return _Namespace("tl", cdiv=lambda a, b: (a + b - 1) // b, **self._language())
+
+    def _language(self):
         def program_id(axis):
             return _reg(torch.tensor(self.pid[axis], dtype=torch.int32))
 
@@ -337,8 +364,8 @@ class Program:
             if not cond:
                 raise GluonEmulationError(f"static_assert failed: {msg}")
 
-        return _Namespace(
-            "gl", program_id=program_id, allocate_shared_memory=allocate_shared_memory, arange=arange, full=full,
+        return dict(
+            program_id=program_id, allocate_shared_memory=allocate_shared_memory, arange=arange, full=full,
             zeros=zeros, load=load, store=store, static_assert=static_assert, static_range=range,
             where=lambda c, x, y: _reg(torch.where(_plain(_reg(c)), _plain(_reg(x)), _plain(_reg(y)))),
             maximum=lambda x, y: _reg(torch.maximum(_plain(_reg(x)), _plain(_reg(y)))),
@@ -436,15 +463,8 @@ class Program:
             for x in (tok.a, tok.b):
                 if isinstance(x, SharedView):
                     x.mem.reads[x.slot].discard(tok)
-        results = []
-        for d in deps:
-            if isinstance(d, MMAToken):
-                if d.result is None:
-                    raise GluonEmulationError(f"warpgroup_mma_wait({num_outstanding}) returns a product that is "
-                                              "still in flight (it was issued after the ones left outstanding)")
-                results.append(d.result)
-            else:
-                results.append(d)
+        # a product still in flight comes back as its token: it may only be chained or waited for again
+        results = [d.result if isinstance(d, MMAToken) and d.result is not None else d for d in deps]
         return results[0] if len(results) == 1 else tuple(results)
 
     def finish(self):
@@ -464,12 +484,15 @@ def _bind(jit_fn, program: Program, cache: dict):
     from triton.experimental.gluon import language as real_gl
     from triton.experimental.gluon.language.nvidia import hopper as real_hopper
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier as real_mbarrier, tma as real_tma
+    import triton.language as real_tl
+    from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
     fn = jit_fn.fn
     if fn in cache:
         return cache[fn]
-    replace = {id(real_gl): program.gl(), id(real_mbarrier): program.mbarrier(), id(real_tma): program.tma(),
+    replace = {id(real_gl): program.gl(), id(real_tl): program.tl(), id(real_mbarrier): program.mbarrier(),
+               id(real_tma): program.tma(),
                id(real_hopper.warpgroup_mma): program.warpgroup_mma,
                id(real_hopper.warpgroup_mma_wait): program.warpgroup_mma_wait,
                id(real_hopper.fence_async_shared): lambda: [setattr(b, "fenced", True) for b in program.barriers]}
@@ -479,7 +502,7 @@ def _bind(jit_fn, program: Program, cache: dict):
     for name, value in fn.__globals__.items():
         if id(value) in replace:
             env[name] = replace[id(value)]
-        elif isinstance(value, JITFunction):
+        elif isinstance(value, (JITFunction, InterpretedFunction)):     # Triton functions too (interpreter or not)
             env[name] = _bind(value, program, cache)
         elif (getattr(value, "__module__", "") or getattr(value, "__name__", "")).startswith("triton"):
             env[name] = _Unsupported(name)
@@ -489,7 +512,7 @@ def _bind(jit_fn, program: Program, cache: dict):
     return bound
 
 
-LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg", "enable_fp_fusion")
 
 
 def emulate(jit_fn, grid, *args, **kwargs) -> None:

@@ -82,8 +82,10 @@ MUTATIONS = {
                                          "never returns"),
     "refill past the last key block": ("j + STAGES < NBLK)", "j + STAGES <= NBLK)",
                                        "invalidate of .* with 1 TMA copies"),
-    "a product returned before its wait": ("qk = warpgroup_mma_wait(1, deps=[s_tok])",
-                                           "qk = warpgroup_mma_wait(2, deps=[s_tok])", "still in flight"),
+    "the last P.V used without its wait": (
+        "    pv = warpgroup_mma_wait(0, deps=[_issue_pv(p8, v_smem, v_bars, NBLK - 1, o_zero, STAGES)])",
+        "    pv = _issue_pv(p8, v_smem, v_bars, NBLK - 1, o_zero, STAGES)",
+        "used before a warpgroup_mma_wait completed it"),
     "output rows past SQ stored": ("gl.store(o, out, mask=gl.expand_dims(rows < SQ, 1))", "gl.store(o, out)",
                                    "out-of-bounds access through o_ptr"),
 }

@@ -18,7 +18,7 @@ from qvgen_kernels.triton_env import interpreter_active
 ROOT = Path(__file__).resolve().parent.parent
 FILES = ["tests/test_kernels_act_quant.py", "tests/test_kernels_gemm.py", "tests/test_runtime_linear.py",
          "tests/test_attention_triton.py", "tests/test_runtime_attention.py", "tests/test_kernels_fused.py",
-         "tests/test_attention_gluon_emulated.py"]
+         "tests/test_attention_gluon_emulated.py", "tests/test_kernels_gemm_gluon.py"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available() or interpreter_active(),

@@ -53,6 +53,17 @@ def test_default_int8_gemm_builds_for_hopper_without_spills_in_its_k_loop(N, K, 
     assert g["k_loop_instructions"] > 0 and g["spill_instructions_in_k_loop"] == 0, g
 
 
+@pytest.mark.parametrize("N,K,epilogue", [(5120, 5120, "residual"), (1536, 1536, None)])
+def test_gluon_gemm_keeps_a_product_in_flight_across_k_steps(N, K, epilogue):
+    """qgemm_gluon at the default tiles (128 x 256 at Wan-14B, 256 x 128 at Wan-1.3B): its K loop waits with one
+    product group outstanding (``0x1``), where the Triton kernel drains (``0x0``); no spill inside the loop."""
+    triton_k = report.gemm_report("wan", 32760, N, K, epilogue)
+    gluon_k = report.gemm_report("wan", 32760, N, K, epilogue, gluon=True)
+    assert triton_k["k_loop_waits"] == ["gsb0, 0x0"], triton_k
+    assert gluon_k["k_loop_waits"] == ["gsb0, 0x1"], gluon_k
+    assert gluon_k["k_loop_instructions"] > 0 and gluon_k["spill_instructions_in_k_loop"] == 0, gluon_k
+
+
 @pytest.mark.parametrize("head_dim,kv_tokens,stages,block_m", [
     (128, 32760, 2, 64), (128, 32760, 3, 64), (128, 512, 2, 64), (64, 17776, 2, 64), (128, 100, 3, 64),
     (128, 32760, 2, 128), (64, 17776, 3, 128)])

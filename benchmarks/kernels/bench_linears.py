@@ -6,7 +6,10 @@ forward (quantization + unpack + GEMM). Every GEMM output is checked on the GPU 
 on 256 rows, against the float64 reference, before it is timed. Writes ``results.json`` and prints a table.
 
     python benchmarks/kernels/bench_linears.py --out DIR [--models wan14b,wan1.3b,cogvideox2b]
-        [--tokens 32760,17776] [--sweep] [--extra-variants] [--budget-s 330]
+        [--tokens 32760,17776] [--sweep] [--extra-variants] [--gluon] [--budget-s 330]
+
+``--gluon`` (Hopper): also qgemm_gluon's K loop (one product group kept in flight) at the default tiles and at
+GLUON_TILES; its outputs must equal the Triton kernel's bit for bit to count as the best.
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ SWEEP = [  # (block_m, block_n, block_k, num_warps, num_stages, variant); the de
     (256, 128, 128, 8, 4, "tma_persistent"),
 ]
 SWEEP_TOKENS = (32760,)
+GLUON_TILES = (128, 128, 128, 8, 4)   # block_m, block_n, block_k, warps, stages: no epilogue spills (sm90_report)
 GROUPS = 50
 
 
@@ -85,7 +89,7 @@ def check(y, y_ref_int8, act, weight, bias, what):
     return r64, rint
 
 
-def run_case(model, name, M, K, N, sweep, extra, log):
+def run_case(model, name, M, K, N, sweep, extra, log, gluon=False):
     x, w, bias, module = make_case(M, K, N)
     weight = module.packed_weight()
     groups = torch.full((1,), 17, device=DEVICE, dtype=torch.long)
@@ -109,9 +113,13 @@ def run_case(model, name, M, K, N, sweep, extra, log):
     if extra:
         variants.update({"ptr": GemmConfig(**{**base, "variant": "ptr"}),
                          "ptr_packed_b": GemmConfig(**{**base, "variant": "ptr", "packed_b": True})})
+    if gluon:
+        bm, bn, bk, nw, ns = GLUON_TILES
+        variants.update({"gluon": GemmConfig(**{**base, "variant": "gluon"}),
+                         f"gluon_{bm}x{bn}x{bk}_w{nw}s{ns}": GemmConfig(bm, bn, bk, 8, nw, ns, "gluon")})
     if DEVICE == "cpu":
         variants = {k: GemmConfig(**{**asdict(v), "block_m": 32, "block_n": 32, "block_k": 32})
-                    for k, v in variants.items()}
+                    for k, v in variants.items() if v.variant != "gluon"}
     if sweep and M == max(SWEEP_TOKENS):
         for bm, bn, bk, nw, ns, v in SWEEP:
             variants[f"{v}_{bm}x{bn}x{bk}_w{nw}s{ns}"] = GemmConfig(bm, bn, bk, 8, nw, ns, v)
@@ -178,6 +186,7 @@ def main():
     p.add_argument("--sweep", action="store_true", help="also time the tile-config sweep")
     p.add_argument("--extra-variants", action="store_true", help="also the pointer-based kernel, packed weight "
                    "bytes unpacked in the GEMM, and fp8 codes")
+    p.add_argument("--gluon", action="store_true", help="also the Gluon K loop (Hopper only)")
     p.add_argument("--budget-s", type=float, default=330.0)
     args = p.parse_args()
     t0 = time.time()
@@ -193,7 +202,7 @@ def main():
                     log.write(f"budget reached: skipped {model} {name} {M}\n")
                     continue
                 t1 = time.time()
-                row = run_case(model, name, M, K, N, args.sweep, args.extra_variants, log)
+                row = run_case(model, name, M, K, N, args.sweep, args.extra_variants, log, args.gluon)
                 row["wall_s"] = time.time() - t1
                 if DEVICE == "cuda":
                     torch.cuda.empty_cache()

@@ -3,7 +3,9 @@
 # Everything lands under $OUT (at most 6 files). Usage, from the repository root (or a carried copy of the worktree,
 # with .whl carried for diffusers and sageattention):  BUDGET=420 bash benchmarks/runtime/run_gpu.sh
 # SKIP_TESTS=1 skips the tests (a second call for the sections the first one's budget skipped, via BENCH_ARGS);
-# GLUON_TESTS=1 with it still runs the Gluon kernel's tests, which the benchmark's "gluon" section needs.
+# GLUON_TESTS=1 with it still runs the Gluon kernels' tests, which the benchmark's "gluon" section needs.
+# LINEARS=1: also the per-linear GEMM benchmark with the Gluon K loop (benchmarks/kernels/bench_linears.py --gluon,
+# Wan-14B and Wan-1.3B shapes at 32,760 tokens), before the runtime benchmark; its files come back as linears.tgz.
 set -o pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
@@ -16,12 +18,14 @@ if [ -f .cache/triton_cache.tgz ]; then mkdir -p ~/.triton && tar xzf .cache/tri
 { nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem,power.draw --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee $OUT/env.txt
 
-# The Gluon attention kernel first, alone, under its own limit: it has never run, and a wrong barrier phase hangs.
+# The Gluon kernels first (attention, GEMM), alone, under their own limit: they have never run on a GPU, and a wrong
+# barrier phase hangs.
 # The benchmark's "gluon" section (its sweep rows and whole-model column, run last) only runs if this passed.
 PYTEST="python3 -m pytest --noconftest -p no:cacheprovider -q -rs -W ignore::pytest.PytestUnknownMarkWarning"
 GLUON_SKIP="--skip-sections gluon"
 if [ -z "${SKIP_TESTS:-}" ] || [ -n "${GLUON_TESTS:-}" ]; then
-  timeout ${GLUON_TEST_TIMEOUT:-120} $PYTEST tests/test_attention_triton.py -k gluon 2>&1 | tee $OUT/gluon_tests.txt | tail -4
+  timeout ${GLUON_TEST_TIMEOUT:-150} $PYTEST tests/test_attention_triton.py tests/test_kernels_gemm_gluon.py \
+    -k "gluon and gpu or hopper" 2>&1 | tee $OUT/gluon_tests.txt | tail -4
   [ "${PIPESTATUS[0]}" = "0" ] && grep -q " passed" $OUT/gluon_tests.txt && GLUON_SKIP=""
 fi
 [ -z "${SKIP_TESTS:-}" ] && timeout ${TEST_TIMEOUT:-170} $PYTEST -k "not gluon" \
@@ -34,6 +38,12 @@ if ls .whl/sageattention-*.whl >/dev/null 2>&1 && ! python3 -c "import sageatten
     .whl/sageattention-*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/sage
 fi
 python3 -c "import importlib.metadata as m; print('sageattention', m.version('sageattention'))" 2>&1 | tail -1 >> $OUT/env.txt
+
+if [ -n "${LINEARS:-}" ]; then
+  mkdir -p /tmp/linears && timeout ${LINEARS_TIMEOUT:-200} python3 benchmarks/kernels/bench_linears.py --out /tmp/linears \
+    --models wan14b,wan1.3b --tokens 32760 --gluon --budget-s ${LINEARS_BUDGET:-150} 2>&1 | tail -12
+  tar czf $OUT/linears.tgz -C /tmp linears
+fi
 
 # the lent GPU stops a command at 600 s: the benchmark gets what is left of CALL_LIMIT after the tests
 rest=$(( ${CALL_LIMIT:-570} - SECONDS )); budget=${BUDGET:-420}; [ $budget -gt $(( rest - 30 )) ] && budget=$(( rest - 30 ))

@@ -23,7 +23,7 @@ import re
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -38,7 +38,10 @@ from qvgen_kernels.attention import LOG2_P_SCALE  # noqa: E402
 from qvgen_kernels.attention_gluon import _attention_kernel_gluon, descriptor_layouts  # noqa: E402
 from qvgen_kernels.attention_triton import AttentionConfig, _attention_kernel, default_config  # noqa: E402
 from qvgen_kernels.qgemm import EPILOGUES  # noqa: E402
+from qvgen_kernels.qgemm_gluon import _gemm_gluon_kernel  # noqa: E402
+from qvgen_kernels.qgemm_gluon import tile_layouts as gemm_tile_layouts  # noqa: E402
 from qvgen_kernels.qgemm_triton import _gemm_tma_kernel, _gemm_tma_persistent_kernel  # noqa: E402
+from qvgen_kernels.qgemm_triton import GemmConfig  # noqa: E402
 from qvgen_kernels.qgemm_triton import default_config as gemm_default_config  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
@@ -102,29 +105,45 @@ def compile_attention_gluon(cfg: AttentionConfig, head_dim: int, kv_tokens: int,
                     source=GluonASTSource)
 
 
-def compile_gemm(M: int, N: int, K: int, epilogue: Optional[str] = None, fp8: bool = False):
-    """The runtime's W4A4 GEMM with its default tiles for an M x K by K x N product, compiled for sm_90a."""
-    cfg = gemm_default_config(M, N, K)
-    if cfg.variant not in ("tma", "tma_persistent"):
+def compile_gemm(M: int, N: int, K: int, epilogue: Optional[str] = None, fp8: bool = False, gluon: bool = False,
+                 config=None):
+    """The runtime's W4A4 GEMM with its default tiles (or ``config``'s) for an M x K by K x N product, compiled for
+    sm_90a; ``gluon``: the same tiles through qgemm_gluon's K loop (int8 only)."""
+    cfg = config or gemm_default_config(M, N, K)
+    if cfg.variant not in ("tma", "tma_persistent", "gluon"):
         raise ValueError(f"sm90_report reads the TMA GEMM variants only, the default here is {cfg.variant!r}")
-    kernel = _gemm_tma_persistent_kernel if cfg.variant == "tma_persistent" else _gemm_tma_kernel
+    if gluon:
+        if fp8:
+            raise ValueError("the Gluon GEMM takes int8 codes")
+        cfg = replace(cfg, variant="gluon")
+    gluon = cfg.variant == "gluon"
+    kernel = {"tma_persistent": _gemm_tma_persistent_kernel, "tma": _gemm_tma_kernel,
+              "gluon": _gemm_gluon_kernel}[cfg.variant]
     el = "fp8e4nv" if fp8 else "i8"
-    types = {"a_desc": f"tensordesc<{el}[{cfg.block_m}, {cfg.block_k}]>",
-             "b_desc": f"tensordesc<{el}[{cfg.block_n}, {cfg.block_k}]>", "c_ptr": "*bf16", "a_scale_ptr": "*fp32",
-             "a_zero_ptr": "*fp32", "a_rowsum_ptr": "*i32", "w_scale_ptr": "*fp32", "w_zero_ptr": "*fp32",
-             "w_colsum_ptr": "*i32", "bias_ptr": "*bf16", "res_ptr": "*bf16", "gate_ptr": "*fp32", "stride_rm": "i32",
-             "rows_per_sample": "i32", "M": "i32", "N": "i32", "stride_cm": "i32", "num_programs": "i32"}
+    layouts = gemm_tile_layouts(cfg.block_m, cfg.block_n, cfg.block_k) if gluon else ("", "")
+    layout = [f",{lay!r}" if gluon else "" for lay in layouts]
+    types = {"a_desc": f"tensordesc<{el}[{cfg.block_m}, {cfg.block_k}]{layout[0]}>",
+             "b_desc": f"tensordesc<{el}[{cfg.block_n}, {cfg.block_k}]{layout[1]}>", "c_ptr": "*bf16",
+             "a_scale_ptr": "*fp32", "a_zero_ptr": "*fp32", "a_rowsum_ptr": "*i32", "w_scale_ptr": "*fp32",
+             "w_zero_ptr": "*fp32", "w_colsum_ptr": "*i32", "bias_ptr": "*bf16", "res_ptr": "*bf16",
+             "gate_ptr": "*fp32", "stride_rm": "i32", "rows_per_sample": "i32", "M": "i32", "N": "i32",
+             "stride_cm": "i32", "num_programs": "i32"}
     kind = 0 if epilogue is None else 1 + EPILOGUES.index(epilogue)
     constants = dict(K=K, HAS_BIAS=True, EPILOGUE=kind, HAS_GATE=epilogue == "residual", LIBDEVICE=True,
                      FP8=fp8, FP8_PROMOTE_EVERY=128 if fp8 else 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                     BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m)
+                     BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, STAGES=cfg.num_stages, WARPS=cfg.num_warps)
     aligned = [n for n in kernel.arg_names if n.endswith("_ptr") or n in ("N", "stride_cm", "stride_rm")]
     options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False)
+    if gluon:
+        from triton.experimental.gluon._runtime import GluonASTSource
+        del options["num_stages"]
+        return cfg, _compile(kernel, types, constants, aligned, options, source=GluonASTSource)
     return cfg, _compile(kernel, types, constants, aligned, options)
 
 
-def gemm_report(name: str, M: int, N: int, K: int, epilogue: Optional[str], fp8: bool = False) -> Dict:
-    cfg, kernel = compile_gemm(M, N, K, epilogue, fp8)
+def gemm_report(name: str, M: int, N: int, K: int, epilogue: Optional[str], fp8: bool = False,
+                gluon: bool = False, config=None) -> Dict:
+    cfg, kernel = compile_gemm(M, N, K, epilogue, fp8, gluon, config)
     code = sass(kernel.asm["cubin"])
     loop = innermost_loop(code, lambda ops: any("GMMA" in o for o in ops))
     waits = sorted({e[2].strip(" ;") for e in loop if e[1].startswith("WARPGROUP.DEPBAR")})
@@ -286,6 +305,10 @@ def report(cfg: AttentionConfig, head_dim: int, kv_tokens: int) -> KernelReport:
 
 
 # (name, N, K, fused epilogues the runtime uses there): Wan-14B and Wan-1.3B linears at 32,760 tokens
+# (fp8 codes, Gluon K loop, tiles: None = the default's): Triton int8 and fp8, then qgemm_gluon at the default
+# tiles and at 128 x 128 x 128 with 8 warps (half the accumulator a thread: no epilogue spills)
+GEMM_VARIANTS = [(False, False, None), (True, False, None), (False, True, None),
+                 (False, True, GemmConfig(128, 128, 128, 8, 8, 4, "gluon"))]
 GEMM_SHAPES = [("Wan-14B attention 5120x5120", 5120, 5120, (None, "residual")),
                ("Wan-14B FFN up", 13824, 5120, ("gelu_tanh",)), ("Wan-14B FFN down", 5120, 13824, ("residual",)),
                ("Wan-1.3B attention 1536x1536", 1536, 1536, (None,)), ("Wan-1.3B FFN up", 8960, 1536, ("gelu_tanh",))]
@@ -339,8 +362,8 @@ def main(argv=None) -> int:
     gemms = []
     for name, N, K, epilogues in GEMM_SHAPES:
         for epilogue in epilogues:
-            for fp8 in (False, True):
-                g = gemm_report(name, 32760, N, K, epilogue, fp8)
+            for fp8, gluon, config in GEMM_VARIANTS:
+                g = gemm_report(name, 32760, N, K, epilogue, fp8, gluon, config)
                 gemms.append(g)
                 print(f"| {name} | {g['epilogue']} | {g['codes']} | {g['tile']} | {g['registers']} / "
                       f"{g['spill_stores']} B | {', '.join(g['k_loop_waits'])} | {g['spill_instructions']} "

@@ -12,6 +12,8 @@ Variants (``GemmConfig.variant``), measured against each other in benchmarks/ker
   [N, K] or, with ``packed_b``, the packed bytes [N, K/2] unpacked in the kernel.
 - ``"tma"``: tiles loaded by the tensor-memory accelerator (host tensor descriptors), one tile a program.
 - ``"tma_persistent"``: the same with one program per SM walking over output tiles.
+- ``"gluon"``: the "tma" kernel with its K loop written in Gluon (``qgemm_gluon``), one product group kept in
+  flight; int8 codes, Hopper only.
 The reduction length K is a compile-time constant (constant trip count for the pipeliner; also, loops
 with run-time bounds do not run in Triton 3.6's interpreter under numpy >= 2.4); the token count M is not
 specialized on, so a new sequence length compiles nothing.
@@ -32,7 +34,7 @@ from .act_quant_triton import cast_rn
 from .qgemm import EPILOGUES, Epilogue, PackedWeight
 from .triton_env import interpreter_requested
 
-VARIANTS = ("ptr", "tma", "tma_persistent")
+VARIANTS = ("ptr", "tma", "tma_persistent", "gluon")
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,11 @@ class GemmConfig:
             raise ValueError(f"GemmConfig.variant must be one of {VARIANTS}, got {self.variant!r}")
         if self.packed_b and self.variant != "ptr":
             raise ValueError("packed_b is implemented for the 'ptr' variant only")
+        if self.variant == "gluon" and (self.num_warps not in (4, 8) or self.block_m % (16 * self.num_warps)
+                                        or self.block_n > 256 or self.block_k < 32 or self.num_stages < 2):
+            raise ValueError("GemmConfig: the Gluon kernel runs one warp group a 64 rows of block_m (num_warps 4 or "
+                             "8, block_m a multiple of 16 * num_warps), block_n <= 256, block_k >= 32 and a ring of "
+                             f"num_stages >= 2; got {self}")
         for name in ("block_m", "block_n", "block_k"):
             v = getattr(self, name)
             if v < 16 or v & (v - 1):
@@ -273,17 +280,24 @@ def _num_sms(device: torch.device) -> int:
     return _NUM_SMS[device.index]
 
 
-def quant_matmul_triton(act: QuantizedActivations, weight: PackedWeight, weight_codes: Optional[torch.Tensor] = None,
-                        bias: Optional[torch.Tensor] = None, out_dtype: torch.dtype = torch.bfloat16,
-                        config: Optional[GemmConfig] = None, fp8_promote_every: int = 0,
-                        epilogue: Optional[Epilogue] = None) -> torch.Tensor:
-    """``x_hat @ w_hat.T + bias`` from activation codes and weight codes.
+@dataclass
+class GemmCall:
+    """One GEMM's launch, checked and allocated: codes ``a`` [M, K] and ``b``, the output, the epilogue's tensor
+    arguments and the kernels' compile-time arguments."""
+    a: torch.Tensor
+    b: torch.Tensor
+    out: torch.Tensor
+    epilogue_args: tuple
+    meta: dict
+    config: GemmConfig
+    fp8: bool
 
-    ``weight_codes``: the unpacked codes [N, K] in the activation codes' dtype (int8 or float8 e4m3), e.g.
-    from :func:`unpack_weight`; None with ``config.packed_b`` reads ``weight.packed`` directly.
-    ``fp8_promote_every``: for fp8 codes, how many K products the tensor cores may accumulate before the sum
-    is promoted to full float32 (0 = Triton's default, never on Hopper).
-    """
+
+def prepare_gemm(act: QuantizedActivations, weight: PackedWeight, weight_codes: Optional[torch.Tensor] = None,
+                 bias: Optional[torch.Tensor] = None, out_dtype: torch.dtype = torch.bfloat16,
+                 config: Optional[GemmConfig] = None, fp8_promote_every: int = 0,
+                 epilogue: Optional[Epilogue] = None) -> GemmCall:
+    """What :func:`quant_matmul_triton` launches (its arguments, checked), without launching it."""
     a = act.codes
     M, K = a.shape
     N = weight.out_features
@@ -308,8 +322,6 @@ def quant_matmul_triton(act: QuantizedActivations, weight: PackedWeight, weight_
                 raise ValueError("the residual must have contiguous rows")
             out_dtype = epilogue.residual.dtype
     out = torch.empty((M, N), dtype=out_dtype, device=a.device)
-    if M == 0:
-        return out
     has_bias = bias is not None
     bias_arg = bias if has_bias else weight.scale     # never read when HAS_BIAS is False
     res = epilogue.residual if epilogue is not None and epilogue.residual is not None else out
@@ -322,11 +334,39 @@ def quant_matmul_triton(act: QuantizedActivations, weight: PackedWeight, weight_
                 FP8_PROMOTE_EVERY=fp8_promote_every,
                 BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
                 num_warps=config.num_warps, num_stages=config.num_stages)
+    return GemmCall(a, b, out, epi, meta, config, fp8)
+
+
+def quant_matmul_triton(act: QuantizedActivations, weight: PackedWeight, weight_codes: Optional[torch.Tensor] = None,
+                        bias: Optional[torch.Tensor] = None, out_dtype: torch.dtype = torch.bfloat16,
+                        config: Optional[GemmConfig] = None, fp8_promote_every: int = 0,
+                        epilogue: Optional[Epilogue] = None) -> torch.Tensor:
+    """``x_hat @ w_hat.T + bias`` from activation codes and weight codes.
+
+    ``weight_codes``: the unpacked codes [N, K] in the activation codes' dtype (int8 or float8 e4m3), e.g.
+    from :func:`unpack_weight`; None with ``config.packed_b`` reads ``weight.packed`` directly.
+    ``fp8_promote_every``: for fp8 codes, how many K products the tensor cores may accumulate before the sum
+    is promoted to full float32 (0 = Triton's default, never on Hopper).
+    """
+    call = prepare_gemm(act, weight, weight_codes, bias, out_dtype, config, fp8_promote_every, epilogue)
+    a, b, out, epi, meta, config, fp8 = (call.a, call.b, call.out, call.epilogue_args, call.meta, call.config,
+                                         call.fp8)
+    (M, K), N = a.shape, out.shape[1]
+    if M == 0:
+        return out
     tiles = triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n)
     tma_ok = all(t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 for t in (a, b))
     if config.variant == "ptr" or not tma_ok:     # the tensor-memory accelerator needs 16-byte aligned rows
         _gemm_ptr_kernel[(tiles,)](a, b, out, *epi, M, N, a.stride(0), b.stride(0), out.stride(0),
                                    PACKED_B=config.packed_b, **meta)
+        return out
+    if config.variant == "gluon":
+        if fp8 or interpreter_requested() or not a.is_cuda:
+            raise ValueError("GemmConfig(variant='gluon') runs int8 codes on a Hopper GPU only (Gluon has no "
+                             "interpreter); use variant='tma' here")
+        from .qgemm_gluon import launch
+        kernel, grid, args, constants = launch(a, b, out, epi, meta, config)
+        kernel[grid](*args, **constants)
         return out
     a_desc = TensorDescriptor(a, [M, K], [a.stride(0), 1], [config.block_m, config.block_k])
     b_desc = TensorDescriptor(b, [N, K], [b.stride(0), 1], [config.block_n, config.block_k])
