@@ -88,6 +88,27 @@ def test_backends_and_residencies_agree():
         assert_rel_close(y, ref, rel=1e-6, what=str(key))
 
 
+@pytest.mark.skipif(not TRITON_OK, reason="needs CUDA or the Triton interpreter")
+def test_gemm_variant_picks_the_kernel():
+    """``gemm_variant`` (``RuntimeTransformer.set_gemm``) swaps the GEMM kernel and nothing else; the Gluon one
+    is refused where it cannot run, by name."""
+    lin, config, _ = _exported(40, 96, 4, seed=5)
+    module = QuantizedLinear.from_export(lin, config, device=DEVICE)
+    module.backend = "triton"
+    x = torch.randn(2, 7, 96, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    with timestep_groups(torch.tensor([1, 3])):
+        ref = module(x)
+        for variant in ("ptr", "tma", "tma_persistent"):
+            module.gemm_variant = variant
+            assert torch.equal(module(x), ref), variant
+        module.gemm_variant = "gluon"
+        if torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0):
+            assert torch.equal(module(x), ref)
+        elif not torch.cuda.is_available():
+            with pytest.raises(ValueError, match="variant='gluon'.*Hopper GPU only"):
+                module(x)
+
+
 def test_low_rank_side_branch_sees_quantized_input():
     lin, config, w_params = _exported(16, 32, 4, aux_rank=3, seed=7)
     module = QuantizedLinear.from_export(lin, config)

@@ -103,6 +103,12 @@ def test_export_matches_fake_quantized_diffusers(tmp_path, bits):
     quantized = [n for n, m in runtime.named_modules() if isinstance(m, QuantizedLinear)]
     assert sorted(quantized) == sorted(linears) and len(quantized) == 2 * 10 + 6
     assert runtime.blocks[0].attn1.to_q.weight_scale.dtype == torch.float32     # .to() never casts the codes' scales
+    assert {m.gemm_variant for m in runtime.modules() if isinstance(m, QuantizedLinear)} == {None}
+    runtime.set_gemm("gluon")
+    assert {m.gemm_variant for m in runtime.modules() if isinstance(m, QuantizedLinear)} == {"gluon"}
+    with pytest.raises(ValueError, match="GEMM variant must be None or one of"):
+        runtime.set_gemm("cutlass")
+    runtime.set_gemm(None)        # the torch backend here never reads it; the Triton one: test_runtime_linear.py
 
     # reference: diffusers with the fake-quantized linears and the non-quantized tensors as stored (bf16)
     with torch.no_grad():

@@ -21,7 +21,8 @@ from qvgen_kernels.wan_model import WanRuntimeTransformer
 
 COLUMNS = ("diffusers_bf16", "diffusers_compile", "diffusers_fp8", "ours_bf16_attn", "ours_int8_attn",
            "ours_int8_attn_graph")
-GLUON_COLUMNS = ("ours_gluon_attn_graph",)     # the "gluon" section adds it to the rows measured before
+# the "gluon" section adds these to the rows measured before: Gluon attention, then Gluon attention and GEMMs
+GLUON_COLUMNS = ("ours_gluon_attn_graph", "ours_gluon_all_graph")
 
 SAGE_COLUMNS = ("diffusers_sage", "diffusers_sageattn_sdpa")
 RUNTIMES = {"wan": WanRuntimeTransformer, "cogvideox": CogVideoXRuntimeTransformer}
@@ -58,10 +59,10 @@ def unavailable(column: str) -> Optional[str]:
     """Why ``column`` cannot run on this machine (None: it can). The diffusers ``sage`` backend is tried anywhere:
     its refusal (the package or its version) is the answer the column reports."""
     if DEVICE != "cuda" and column in ("diffusers_compile", "diffusers_fp8", "ours_int8_attn_graph",
-                                       "ours_gluon_attn_graph", "diffusers_sageattn_sdpa"):
+                                       "diffusers_sageattn_sdpa") + GLUON_COLUMNS:
         return "needs a GPU"
-    if column == "ours_gluon_attn_graph" and torch.cuda.get_device_capability() != (9, 0):
-        return "the Gluon attention kernel is written for Hopper (sm_90)"
+    if column in GLUON_COLUMNS and torch.cuda.get_device_capability() != (9, 0):
+        return "the Gluon kernels are written for Hopper (sm_90)"
     return None
 
 
@@ -116,6 +117,9 @@ def make(column: str, spec: dict, attention_config=None):
             notes["attention_config"] = dict(config.__dict__)
         model = build(RUNTIMES[kind], cfg, quantized=True).set_attention("int8" if fast else "bf16", config=config)
         model.set_fusion(fast)
+        if column == "ours_gluon_all_graph":
+            model.set_gemm("gluon")
+            notes["gemm"] = "gluon (qgemm_gluon) at each shape's default tiles"
         if column.endswith("graph"):
             model.enable_cuda_graphs()
     if kind == "wan":

@@ -13,6 +13,7 @@ Weight residency (``weight_residency``):
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -54,6 +55,7 @@ class QuantizedLinear(nn.Module):
         self.num_timestep_groups = num_timestep_groups
         self.backend = "auto"
         self.weight_residency = "packed"
+        self.gemm_variant: Optional[str] = None     # the Triton GEMM's default_config variant, or another of VARIANTS
         f32 = dict(dtype=torch.float32, device=device)
         self.register_buffer("weight_codes", torch.zeros(out_features, (in_features + 1) // 2, dtype=torch.uint8,
                                                          device=device))
@@ -183,9 +185,13 @@ class QuantizedLinear(nn.Module):
         use_triton = self._use_triton(act.codes)
         fused = epilogue if self.aux_left is None and use_triton else None
         if use_triton:
-            from .qgemm_triton import quant_matmul_triton
+            from .qgemm_triton import default_config, quant_matmul_triton
+            config = None
+            if self.gemm_variant is not None:
+                config = replace(default_config(act.codes.shape[0], self.out_features, self.in_features),
+                                 variant=self.gemm_variant)
             y = quant_matmul_triton(act, self.packed_weight(), self._weight_operand(act.codes.device), self.bias,
-                                    out_dtype, epilogue=fused)
+                                    out_dtype, config, epilogue=fused)
         else:
             y = quant_matmul_torch(act, self.packed_weight(), self.bias, out_dtype)
         if self.aux_left is not None:

@@ -121,6 +121,17 @@ class RuntimeTransformer(nn.Module):
                 module.attention_config = config
         return self
 
+    def set_gemm(self, variant: Optional[str] = None) -> "RuntimeTransformer":
+        """Every quantized linear's Triton GEMM kernel: None, each shape's ``qgemm_triton.default_config``; else
+        that config with ``variant`` (``"gluon"``: the K loop with a product in flight, Hopper and int8 only)."""
+        from .qgemm_triton import VARIANTS
+        if variant is not None and variant not in VARIANTS:
+            raise ValueError(f"GEMM variant must be None or one of {VARIANTS}, got {variant!r}")
+        for module in self.modules():
+            if hasattr(module, "gemm_variant"):
+                module.gemm_variant = variant
+        return self
+
     def set_fusion(self, enabled: bool = True) -> "RuntimeTransformer":
         """Whether blocks take their fused path (norm + quantization in one kernel, epilogues in the GEMMs) where
         it applies (quantized linears on the Triton kernels); off: the same math in separate passes."""
