@@ -12,11 +12,16 @@ emulations, one program of the grid after another, and models what the hardware 
 - ``warpgroup_mma(is_async=True)`` returns a token; products complete in issue order, only through
   ``warpgroup_mma_wait(n)``, and read their shared-memory operands when they complete, so a TMA issued into a
   slot that an outstanding product reads is a write-after-read race and raises.
-- Pointer loads and stores check every unmasked address against the tensor they point into.
+- With more than one warp group (``num_warps`` > 4), each waits for its own products: a slot its products read is
+  free for a TMA copy only after a ``thread_barrier`` has followed the wait, else another warp group may still
+  be reading it (the program runs as one thread of control, so this is checked as an ordering rule).
+- Pointer loads and stores check every unmasked address against the extent of the tensor they point into.
 
-What it does not model: the threads of a warp group (``thread_barrier`` placement is not checked), layouts and
-register limits (the compiler's; benchmarks/runtime/sm90_report.py reads those), and timing. Arithmetic is torch's
-on the CPU in the kernel's dtypes, so float results agree with the GPU to rounding, integer ones exactly.
+What it does not model: warps running apart other than the rule above, layouts, the shared-memory layouts of TMA
+descriptors and register limits (the compiler's; benchmarks/runtime/sm90_report.py reads those), and timing.
+Arithmetic is torch's on the CPU in the kernel's dtypes: integer results are exact as on the GPU; float ones
+differ by rounding (no fused multiply-adds here), and fp8 products are summed exactly, where Hopper's fp8 tensor
+cores keep about 22 bits, so fp8 results agree to the precision of their fp8 operands, not bit for bit.
 """
 from __future__ import annotations
 
@@ -76,7 +81,8 @@ class Pointer:
 
     @classmethod
     def of(cls, t: torch.Tensor, name: str) -> "Pointer":
-        n = t.untyped_storage().nbytes() // t.element_size() - t.storage_offset()
+        """From the tensor's first element to its last (its extent, not the rest of a larger storage)."""
+        n = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) if t.numel() else 0
         return cls(torch.as_strided(t, (n,), (1,), t.storage_offset()), 0, name)
 
     @property
@@ -143,6 +149,7 @@ class SharedMemory:
         self.program, self.data, self.name = program, torch.zeros(shape, dtype=dtype), name
         self.writes = {}     # slot (None: the whole allocation) -> the barrier its TMA copy counts on
         self.reads = {}      # slot -> set of outstanding product tokens
+        self.released = {}   # slot -> True: its products waited for, but no thread_barrier since (several groups)
 
     def index(self, i):
         return SharedView(self, int(i), None)
@@ -303,10 +310,12 @@ class _Namespace:
 class Program:
     """One program of the grid: its ids, its shared memory and barriers, its outstanding products."""
 
-    def __init__(self, pid):
+    def __init__(self, pid, num_warps: int = 4):
         self.pid = pid
+        self.warp_groups = max(1, num_warps // 4)
         self.outstanding = []
         self.barriers = []
+        self.memories = []
         self.n_alloc = 0
 
     # -- gl, and tl for the Triton functions a Gluon kernel calls ------------------------------------------------
@@ -334,7 +343,9 @@ class Program:
                 arr = BarrierArray(self, shape[0], f"barriers{self.n_alloc}")
                 self.barriers += arr.barriers
                 return arr
-            return SharedMemory(self, dtype, list(shape), name)
+            mem = SharedMemory(self, dtype, list(shape), name)
+            self.memories.append(mem)
+            return mem
 
         def arange(start, end, layout=None):
             return _reg(torch.arange(start, end, dtype=torch.int32))
@@ -354,11 +365,12 @@ class Program:
 
         def store(ptr, value, mask=None, **kwargs):
             off, m = ptr._addresses(mask)
-            value = _plain(_reg(value)).to(ptr.tensor.dtype).expand(off.shape)
+            value = _plain(_reg(value).to(ptr.tensor.dtype)).expand(off.shape)      # fp8: saturating, as cvt
             ptr.tensor[off[m]] = value[m]
 
-        def reduce(fn):
-            return lambda x, axis=None, keep_dims=False: _reg(fn(_plain(x), dim=axis, keepdim=keep_dims))
+        def reduce(fn):          # an integer reduction stays in its dtype (int32 sums wrap, as Triton's do)
+            return lambda x, axis=None, keep_dims=False: _reg(fn(_plain(x), dim=axis, keepdim=keep_dims)
+                                                              .to(_plain(x).dtype))
 
         def static_assert(cond, msg=""):
             if not cond:
@@ -373,11 +385,15 @@ class Program:
             max=reduce(torch.amax), min=reduce(torch.amin), sum=reduce(torch.sum),
             exp2=lambda x: _reg(torch.exp2(_plain(x))), exp=lambda x: _reg(torch.exp(_plain(x))),
             expand_dims=lambda x, axis: _reg(_plain(x).unsqueeze(axis)),
-            convert_layout=lambda x, layout, **kw: x, thread_barrier=lambda: None,
+            convert_layout=lambda x, layout, **kw: x, thread_barrier=self.thread_barrier,
             NVMMADistributedLayout=_Layout, DotOperandLayout=_Layout, SliceLayout=_Layout, BlockedLayout=_Layout,
             NVMMASharedLayout=_Layout,
             float32=torch.float32, float16=torch.float16, bfloat16=torch.bfloat16, float8e4nv=torch.float8_e4m3fn,
             int8=torch.int8, int32=torch.int32, int64=torch.int64)
+
+    def thread_barrier(self):
+        for mem in self.memories:
+            mem.released.clear()
 
     # -- mbarrier, tma, wgmma -------------------------------------------------------------------------------------
     def mbarrier(self):
@@ -430,6 +446,10 @@ class Program:
                                           "it (wait for the product before refilling the slot)")
             if view.mem._overlaps(view.slot, view.mem.writes):
                 raise GluonEmulationError(f"TMA copy into {view.where()} while another copy into it is in flight")
+            if view.mem._overlaps(view.slot, view.mem.released):
+                raise GluonEmulationError(f"TMA copy into {view.where()} after this warp group's wait for the products "
+                                          f"reading it but before a thread_barrier: with {self.warp_groups} warp "
+                                          "groups another may still be reading it")
             data = desc.block([int(c) for c in coord])
             if list(data.shape) != list(view.value().shape) or data.dtype != view.mem.data.dtype:
                 raise GluonEmulationError(f"TMA block {tuple(data.shape)} {data.dtype} into {view.where()} "
@@ -445,7 +465,8 @@ class Program:
         for x in (a, b):
             if isinstance(x, SharedView):
                 x.check_readable("warpgroup_mma")
-        if not is_async:
+        if not is_async:           # a synchronous product waits for every group in flight, then for itself
+            self.warpgroup_mma_wait(0, deps=[])
             return _product(a, b, acc if bool(use_acc) else None)
         tok = MMAToken(a, b, bool(use_acc), acc)
         for x in (a, b):
@@ -463,6 +484,8 @@ class Program:
             for x in (tok.a, tok.b):
                 if isinstance(x, SharedView):
                     x.mem.reads[x.slot].discard(tok)
+                    if self.warp_groups > 1:
+                        x.mem.released[x.slot] = True
         # a product still in flight comes back as its token: it may only be chained or waited for again
         results = [d.result if isinstance(d, MMAToken) and d.result is not None else d for d in deps]
         return results[0] if len(results) == 1 else tuple(results)
@@ -520,6 +543,7 @@ def emulate(jit_fn, grid, *args, **kwargs) -> None:
     from triton.tools.tensor_descriptor import TensorDescriptor as TritonDescriptor
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
 
+    num_warps = kwargs.get("num_warps", 4)
     kwargs = {k: v for k, v in kwargs.items() if k not in LAUNCH_OPTIONS}
     names = list(jit_fn.arg_names)
 
@@ -538,6 +562,6 @@ def emulate(jit_fn, grid, *args, **kwargs) -> None:
     for pz in range(grid[2]):
         for py in range(grid[1]):
             for px in range(grid[0]):
-                program = Program((px, py, pz))
+                program = Program((px, py, pz), num_warps)
                 _bind(jit_fn, program, {})(*args, **kwargs)
                 program.finish()

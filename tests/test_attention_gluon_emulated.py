@@ -86,6 +86,9 @@ MUTATIONS = {
         "    pv = warpgroup_mma_wait(0, deps=[_issue_pv(p8, v_smem, v_bars, NBLK - 1, o_zero, STAGES)])",
         "    pv = _issue_pv(p8, v_smem, v_bars, NBLK - 1, o_zero, STAGES)",
         "used before a warpgroup_mma_wait completed it"),
+    "the refill's thread barrier dropped, two warp groups": (
+        "        gl.thread_barrier()          # every warp past its wait before the TMA overwrites the slot its products read\n",
+        "", "before a thread_barrier"),
     "output rows past SQ stored": ("gl.store(o, out, mask=gl.expand_dims(rows < SQ, 1))", "gl.store(o, out)",
                                    "out-of-bounds access through o_ptr"),
 }
@@ -110,5 +113,6 @@ def _mutant(name, tmp_path):
 def test_the_emulator_catches_each_kind_of_bug(name, tmp_path):
     q, k, v, codes = _operands(1, 100, 600, 1, 128, seed=7)
     match = MUTATIONS[name][2] or "TMA copy into .* while an outstanding warpgroup_mma reads it"
+    block_m = 128 if "two warp groups" in name else 64
     with pytest.raises(GluonEmulationError, match=match):
-        _emulated(_mutant(name, tmp_path), codes, q, stages=2)
+        _emulated(_mutant(name, tmp_path), codes, q, stages=2, block_m=block_m)

@@ -240,7 +240,7 @@ def test_gluon_kernel_is_refused_off_hopper_and_at_other_tiles():
     if torch.cuda.is_available():
         return
     q, k, v = qkv(1, 70, 96, 2, 64, seed=3)
-    with pytest.raises(ValueError, match="Hopper GPU only"):
+    with pytest.raises(ValueError, match=r"Hopper GPU \(sm_90\) only"):
         quantized_attention_triton(q, k, v, config=AttentionConfig.gluon())
 
 

@@ -63,7 +63,8 @@ TILES = dict(block_m=64, block_n=32, block_k=32, group_m=2, num_warps=4)
 
 @pytest.mark.parametrize("M, N, K, stages", [(100, 72, 256, 3),     # 8 K steps through a ring of 3; M, N tails
                                              (64, 64, 64, 4),       # fewer K steps than the ring's prologue
-                                             (45, 40, 96, 2)])      # the Triton GEMM tests' odd shape
+                                             (45, 40, 96, 2),       # the Triton GEMM tests' odd shape
+                                             (70, 48, 112, 2)])     # K not a multiple of block_k: a zero tail
 @pytest.mark.parametrize("epilogue", [None, "gelu_tanh", "residual"])
 def test_gluon_gemm_equals_the_triton_gemm(M, N, K, stages, epilogue):
     act, weight, bias = _problem(M, N, K, 4, seed=M + K)
@@ -93,25 +94,35 @@ def test_refusals():
     if torch.cuda.is_available():
         return
     act, weight, bias = _problem(45, 40, 96, 4, seed=1)
-    with pytest.raises(ValueError, match="Hopper GPU only"):
+    with pytest.raises(ValueError, match=r"Hopper GPU \(sm_90\) only"):
         quant_matmul_triton(act, weight, unpack_weight(weight), bias, config=GemmConfig(variant="gluon", **TILES))
 
 
-def test_the_emulator_catches_a_slot_refilled_under_its_product(tmp_path):
-    """The K loop's one ordering rule: refill a slot only after the product that read it was waited for."""
+MUTATIONS = {   # the K loop's ordering rules, each broken: (old text, new text, warps, the error)
+    "slot refilled before its product is waited for": ("acc = warpgroup_mma_wait(1, deps=[acc])", "pass", 4,
+                                                       "while an outstanding warpgroup_mma reads it"),
+    "refill without the thread barrier, two warp groups": (
+        "        gl.thread_barrier()                          # every warp group past that wait before the slot is "
+        "refilled\n", "", 8, "before a thread_barrier"),
+}
+
+
+@pytest.mark.parametrize("name", list(MUTATIONS))
+def test_the_emulator_catches_each_broken_ordering_rule(name, tmp_path):
     import importlib.util
     from pathlib import Path
+    old, new, warps, error = MUTATIONS[name]
     source = Path(qgemm_gluon.__file__).read_text()
-    old = "acc = warpgroup_mma_wait(1, deps=[acc])"
-    assert source.count(old) == 1
+    assert source.count(old) == 1, f"mutation {name!r} no longer applies to qgemm_gluon.py"
     path = tmp_path / "qgemm_gluon_mutant.py"
-    path.write_text(source.replace(old, "pass").replace("from .qgemm_triton", "from qvgen_kernels.qgemm_triton"))
+    path.write_text(source.replace(old, new).replace("from .qgemm_triton", "from qvgen_kernels.qgemm_triton"))
     spec = importlib.util.spec_from_file_location(path.stem, path)
     mutant = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mutant)
-    act, weight, bias = _problem(64, 32, 256, 4, seed=2)
-    with pytest.raises(GluonEmulationError, match="while an outstanding warpgroup_mma reads it"):
-        _emulated(act, weight, bias, GemmConfig(variant="gluon", num_stages=2, **TILES), None, module=mutant)
+    act, weight, bias = _problem(130, 32, 256, 4, seed=2)
+    config = GemmConfig(variant="gluon", num_stages=2, **{**TILES, "num_warps": warps, "block_m": 16 * warps})
+    with pytest.raises(GluonEmulationError, match=error):
+        _emulated(act, weight, bias, config, None, module=mutant)
 
 
 @pytest.mark.gpu

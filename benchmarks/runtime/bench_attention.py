@@ -87,11 +87,13 @@ def bench_attention_sweep(out: dict, tiny: bool, save, gluon: bool = False):
 
 
 def fastest_gluon_config(out: dict, head_dim: int):
-    """The quickest row of the Gluon sweep at ``head_dim`` in this run (None if none ran), for the whole-model column."""
+    """The quickest row of the Gluon sweep at ``head_dim`` in this run that kept cosine >= 0.999 against SDPA (None
+    if none did), for the whole-model columns."""
     from qvgen_kernels.attention_triton import AttentionConfig
     dims = {name: D for name, _, _, _, D in SHAPES + TINY_SHAPES}
     rows = [r for key, sweep in out.get("attention", {}).items() if key.startswith("sweep_gluon_")
-            and dims.get(key[len("sweep_gluon_"):]) == head_dim for r in sweep if "kernel_ms" in r]
+            and dims.get(key[len("sweep_gluon_"):]) == head_dim for r in sweep
+            if "kernel_ms" in r and r.get("cosine_vs_sdpa", 0) >= 0.999]
     return AttentionConfig(**min(rows, key=lambda r: r["kernel_ms"])["config"]) if rows else None
 
 

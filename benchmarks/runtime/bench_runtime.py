@@ -92,10 +92,13 @@ def run_section(section: str, args, out: dict, save):
         bench_attention_sweep(out, args.tiny, save)
     elif section == "gluon":        # last: a kernel that has never run could hang the process
         bench_attention_sweep(out, args.tiny, save, gluon=True)
+        columns = GLUON_COLUMNS[:1] if args.skip_gluon_gemm else GLUON_COLUMNS
         for name, spec in MODELS.items():       # each model with the quickest Gluon tiles at its head dim
             if name in out:
-                bench_model(name, spec, out, args.budget_s, args.reps, save, GLUON_COLUMNS,
+                bench_model(name, spec, out, args.budget_s, args.reps, save, columns,
                             fastest_gluon_config(out, spec["cfg"]["attention_head_dim"]))
+                if args.skip_gluon_gemm:
+                    out[name][GLUON_COLUMNS[1]] = dict(skipped="left out (--skip-gluon-gemm)")
     elif section in MODELS:
         columns = COLUMNS + SAGE_COLUMNS if section in ("wan14b_720p", "cogvideox5b") else COLUMNS
         bench_model(section, MODELS[section], out, args.budget_s, args.reps, save, columns)
@@ -161,7 +164,9 @@ def main():
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--sections", default=SECTIONS)
     p.add_argument("--skip-sections", default="", help="sections to leave out (recorded as skipped, with why: "
-                   "run_gpu.sh leaves out 'gluon' when the Gluon kernel's GPU tests did not pass)")
+                   "run_gpu.sh leaves out 'gluon' when the Gluon attention kernel's GPU tests did not pass)")
+    p.add_argument("--skip-gluon-gemm", action="store_true", help="the gluon section without its Gluon-GEMM column "
+                   "(run_gpu.sh: when the Gluon GEMM's GPU tests did not pass)")
     p.add_argument("--wan14b-blocks", type=int, default=4)
     p.add_argument("--wan14b-720p-blocks", type=int, default=2)
     p.add_argument("--cogvideox5b-blocks", type=int, default=42)

@@ -113,10 +113,10 @@ def compile_gemm(M: int, N: int, K: int, epilogue: Optional[str] = None, fp8: bo
     if cfg.variant not in ("tma", "tma_persistent", "gluon"):
         raise ValueError(f"sm90_report reads the TMA GEMM variants only, the default here is {cfg.variant!r}")
     if gluon:
-        if fp8:
-            raise ValueError("the Gluon GEMM takes int8 codes")
         cfg = replace(cfg, variant="gluon")
     gluon = cfg.variant == "gluon"
+    if gluon and fp8:
+        raise ValueError("the Gluon GEMM takes int8 codes")
     kernel = {"tma_persistent": _gemm_tma_persistent_kernel, "tma": _gemm_tma_kernel,
               "gluon": _gemm_gluon_kernel}[cfg.variant]
     el = "fp8e4nv" if fp8 else "i8"

@@ -488,9 +488,10 @@ def attention_from_codes(qkv: QuantizedQKV, out: torch.Tensor,
     if SQ == 0:
         return out
     if cfg.kernel == "gluon":
-        if interpreter_requested() or not qkv.q_codes.is_cuda:
-            raise ValueError("AttentionConfig(kernel='gluon') runs on a Hopper GPU only (Gluon has no interpreter); "
-                             "use kernel='triton' here")
+        if (interpreter_requested() or not qkv.q_codes.is_cuda
+                or torch.cuda.get_device_capability(qkv.q_codes.device) != (9, 0)):
+            raise ValueError("AttentionConfig(kernel='gluon') runs on a Hopper GPU (sm_90) only: it is written for "
+                             "Hopper's wgmma and has no interpreter; use kernel='triton' here")
         from .attention_gluon import attention_from_codes_gluon
         return attention_from_codes_gluon(qkv, out, cfg.num_stages, LOG2_P_SCALE, cfg.block_m)
     s_pad = qkv.vt.shape[-1]

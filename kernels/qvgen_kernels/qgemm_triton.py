@@ -54,10 +54,11 @@ class GemmConfig:
         if self.packed_b and self.variant != "ptr":
             raise ValueError("packed_b is implemented for the 'ptr' variant only")
         if self.variant == "gluon" and (self.num_warps not in (4, 8) or self.block_m % (16 * self.num_warps)
-                                        or self.block_n > 256 or self.block_k < 32 or self.num_stages < 2):
+                                        or max(self.block_m, self.block_n, self.block_k) > 256 or self.block_k < 32
+                                        or self.num_stages < 2):
             raise ValueError("GemmConfig: the Gluon kernel runs one warp group a 64 rows of block_m (num_warps 4 or "
-                             "8, block_m a multiple of 16 * num_warps), block_n <= 256, block_k >= 32 and a ring of "
-                             f"num_stages >= 2; got {self}")
+                             "8, block_m a multiple of 16 * num_warps), tiles of at most 256 (a TMA box side), "
+                             f"block_k >= 32 and a ring of num_stages >= 2; got {self}")
         for name in ("block_m", "block_n", "block_k"):
             v = getattr(self, name)
             if v < 16 or v & (v - 1):
@@ -356,14 +357,15 @@ def quant_matmul_triton(act: QuantizedActivations, weight: PackedWeight, weight_
         return out
     tiles = triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n)
     tma_ok = all(t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 for t in (a, b))
-    if config.variant == "ptr" or not tma_ok:     # the tensor-memory accelerator needs 16-byte aligned rows
+    if config.variant == "ptr" or not tma_ok:     # the tensor-memory accelerator needs 16-byte aligned rows (the
+        # TMA variants, Gluon's too, fall back to pointer loads without them)
         _gemm_ptr_kernel[(tiles,)](a, b, out, *epi, M, N, a.stride(0), b.stride(0), out.stride(0),
                                    PACKED_B=config.packed_b, **meta)
         return out
     if config.variant == "gluon":
-        if fp8 or interpreter_requested() or not a.is_cuda:
-            raise ValueError("GemmConfig(variant='gluon') runs int8 codes on a Hopper GPU only (Gluon has no "
-                             "interpreter); use variant='tma' here")
+        if fp8 or interpreter_requested() or not a.is_cuda or torch.cuda.get_device_capability(a.device) != (9, 0):
+            raise ValueError("GemmConfig(variant='gluon') runs int8 codes on a Hopper GPU (sm_90) only: it is written "
+                             "for Hopper's wgmma and has no interpreter; use variant='tma' here")
         from .qgemm_gluon import launch
         kernel, grid, args, constants = launch(a, b, out, epi, meta, config)
         kernel[grid](*args, **constants)
