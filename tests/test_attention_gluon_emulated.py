@@ -39,11 +39,11 @@ def _operands(B, SQ, SK, H, D, seed):
     return q, k, v, quantize_qkv(q, k, v, config=TRITON_TILES)
 
 
-def _emulated(module, codes, q, stages, block_m=64):
+def _emulated(module, codes, q, stages, block_m=64, emulate_exp2=False):
     cpu = replace(codes, **{f.name: getattr(codes, f.name).cpu() for f in fields(codes)
                             if isinstance(getattr(codes, f.name), torch.Tensor)})
     out = torch.full(q.shape, float("nan"), dtype=q.dtype)
-    kernel, grid, args, constants = module.launch(cpu, out, stages, LOG2_P_SCALE, block_m)
+    kernel, grid, args, constants = module.launch(cpu, out, stages, LOG2_P_SCALE, block_m, emulate_exp2)
     emulate(kernel, grid, *args, **constants)
     return out
 
@@ -63,6 +63,19 @@ def test_gluon_kernel_computes_what_the_triton_kernel_computes(B, SQ, SK, H, D, 
     assert torch.isfinite(got).all(), "rows left unwritten"
     assert max_rel_diff(got, ref) <= 1e-5          # same operands, same math; float sums in another order
     assert cosine(got, attention_float64(q.cpu(), k.cpu(), v.cpu())) >= 0.999
+
+
+@pytest.mark.parametrize("SK, block_m", [(300, 64), (1000, 128)])
+def test_emulated_exp2_in_the_gluon_kernel_is_the_triton_kernels(SK, block_m):
+    """emulate_exp2 (half the exponentials as a cubic on the FMA units) through the same Triton function in both
+    kernels: the same output."""
+    q, k, v, codes = _operands(1, 100, SK, 2, 128, seed=SK)
+    cfg = AttentionConfig(block_m=64, block_n=128, num_warps=4, num_stages=2, emulate_exp2=True)
+    ref = attention_from_codes(codes, torch.empty_like(q), cfg).cpu()
+    got = _emulated(attention_gluon, codes, q, 2, block_m, emulate_exp2=True)
+    plain = _emulated(attention_gluon, codes, q, 2, block_m)
+    assert max_rel_diff(got, ref) <= 1e-5
+    assert not torch.equal(got, plain), "emulate_exp2 changed nothing in the Gluon kernel"
 
 
 # Each a bug the emulator must catch: (what the mutation does, old text, new text, the error it must raise).
@@ -102,7 +115,7 @@ def _mutant(name, tmp_path):
         assert source.count(_LOOP_ACC) == 1
         source = source.replace(_LOOP_ACC, _LOOP_PV_WAIT + _LOOP_ACC)
     path = tmp_path / f"mutant_{abs(hash(name))}.py"
-    path.write_text(source)
+    path.write_text(source.replace("from .attention_triton", "from qvgen_kernels.attention_triton"))
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -53,6 +53,14 @@ def test_default_int8_gemm_builds_for_hopper_without_spills_in_its_k_loop(N, K, 
     assert g["k_loop_instructions"] > 0 and g["spill_instructions_in_k_loop"] == 0, g
 
 
+def test_gluon_kernel_with_emulated_exp2_moves_half_the_exponentials_and_keeps_them_under_the_product():
+    plain = report.report(AttentionConfig.gluon(2, 128), 128, kv_tokens=32760)
+    emulated = report.report(AttentionConfig.gluon(2, 128, emulate_exp2=True), 128, kv_tokens=32760)
+    assert emulated.error is None and emulated.spill_stores == 0 and emulated.register_operand_overwrites == 0
+    assert emulated.key_loop["mufu_ex2"] == plain.key_loop["mufu_ex2"] - 32, emulated.key_loop
+    assert emulated.key_loop["exp2_in_flight"] == emulated.key_loop["mufu_ex2"], emulated.key_loop
+
+
 @pytest.mark.parametrize("N,K,epilogue", [(5120, 5120, "residual"), (1536, 1536, None)])
 def test_gluon_gemm_keeps_a_product_in_flight_across_k_steps(N, K, epilogue):
     """qgemm_gluon at the default tiles (128 x 256 at Wan-14B, 256 x 128 at Wan-1.3B): its K loop waits with one

@@ -100,7 +100,7 @@ def compile_attention_gluon(cfg: AttentionConfig, head_dim: int, kv_tokens: int,
              "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32", "o_ptr": "*bf16", "SQ": "i32", "stride_ob": "i32",
              "stride_os": "i32", "stride_oh": "i32"}
     constants = dict(H=heads, SK=kv_tokens, D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, STAGES=cfg.num_stages,
-                     LOG2_P=LOG2_P_SCALE)
+                     LOG2_P=LOG2_P_SCALE, EMULATE_EXP2=cfg.emulate_exp2)
     return _compile(_attention_kernel_gluon, types, constants, _ALIGNED, dict(num_warps=cfg.num_warps),
                     source=GluonASTSource)
 

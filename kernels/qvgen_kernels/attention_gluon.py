@@ -13,6 +13,7 @@ One program: 64 or 128 queries of one (batch, head), one warp group a 64 rows; i
 of K and Vᵀ into a ring of ``num_stages`` shared-memory slots, one mbarrier a slot and operand; a slot is refilled
 once the products that read it have been waited for. The last key block, when partial, gives its keys past SK
 -inf. 128 rows read each K / V tile once for two warp groups: half the L2 traffic of 64-row programs.
+``emulate_exp2``: half of each block's exponentials by the Triton kernel's own cubic on the FMA units.
 
 Runs on Hopper only: ``AttentionConfig.gluon()``; the GPU tests compare it with the Triton kernel. Gluon has no
 interpreter; tests/gluon_emulator.py runs this source on the CPU with its TMA copies, mbarrier phases and async
@@ -27,6 +28,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
+
+from .attention_triton import _exp2_logits
 
 BLOCK_MS = (64, 128)  # query rows a program: one warp group (m64 wgmma atoms) a 64 rows
 BLOCK_N = 128
@@ -61,8 +64,9 @@ def _issue_pv(p8, v_smem, v_bars, blk, o_zero, STAGES: gl.constexpr):
 
 
 @gluon.jit
-def _softmax(qk, qs, k_scale_ptr, bh, blk, m_i, l_i, SK: gl.constexpr, NBLK: gl.constexpr, BLOCK_N: gl.constexpr,
-             LOG2_P: gl.constexpr, MASK: gl.constexpr, s_layout: gl.constexpr, p_layout: gl.constexpr):
+def _softmax(qk, qs, k_scale_ptr, bh, blk, m_i, l_i, SK: gl.constexpr, NBLK: gl.constexpr, BLOCK_M: gl.constexpr,
+             BLOCK_N: gl.constexpr, LOG2_P: gl.constexpr, MASK: gl.constexpr, EMULATE_EXP2: gl.constexpr,
+             s_layout: gl.constexpr, p_layout: gl.constexpr):
     """Online softmax of one block of int32 logits, as ``attention_triton._attend_block``: fp8 P in the layout the
     P.V product reads, alpha, the new running max and row sum."""
     c = qs * gl.load(k_scale_ptr + bh * NBLK + blk)
@@ -70,11 +74,13 @@ def _softmax(qk, qs, k_scale_ptr, bh, blk, m_i, l_i, SK: gl.constexpr, NBLK: gl.
         cols = blk * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
         s = gl.where(gl.expand_dims(cols < SK, 0), qk.to(gl.float32), float("-inf"))
         m_new = gl.maximum(m_i, gl.max(s, 1) * c)
-        p = gl.exp2(s * gl.expand_dims(c, 1) - gl.expand_dims(m_new - LOG2_P, 1))
+        p = gl.exp2(s * gl.expand_dims(c, 1) - gl.expand_dims(m_new - LOG2_P, 1))     # -inf: exactly 0
     else:                # float(qk) = bits(qk + magic) - 1.5 * 2**23, folded into the per-row constant
         m_new = gl.maximum(m_i, gl.max(qk, 1).to(gl.float32) * c)
         f = (qk + 0x4B400000).to(gl.float32, bitcast=True)
-        p = gl.exp2(f * gl.expand_dims(c, 1) - gl.expand_dims(m_new - LOG2_P + 12582912.0 * c, 1))
+        p = _exp2_logits(f * gl.expand_dims(c, 1) - gl.expand_dims(m_new - LOG2_P + 12582912.0 * c, 1),
+                         EMULATE_EXP2, BLOCK_M, BLOCK_N)
+    p = gl.convert_layout(p, s_layout)       # emulate_exp2's split / join give an equal layout of another type
     alpha = gl.exp2(m_i - m_new)
     l_i = l_i * alpha + gl.sum(p, 1)
     return gl.convert_layout(p.to(gl.float8e4nv), p_layout), alpha, m_new, l_i
@@ -84,7 +90,8 @@ def _softmax(qk, qs, k_scale_ptr, bh, blk, m_i, l_i, SK: gl.constexpr, NBLK: gl.
 def _attention_kernel_gluon(q_desc, k_desc, v_desc, q_scale_ptr, k_scale_ptr, v_scale_ptr, o_ptr, SQ,
                             stride_ob, stride_os, stride_oh,
                             H: gl.constexpr, SK: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
-                            BLOCK_N: gl.constexpr, STAGES: gl.constexpr, LOG2_P: gl.constexpr):
+                            BLOCK_N: gl.constexpr, STAGES: gl.constexpr, LOG2_P: gl.constexpr,
+                            EMULATE_EXP2: gl.constexpr):
     gl.static_assert(BLOCK_M == 64 or BLOCK_M == 128, "one or two warp groups: 64- or 128-row tiles")
     NBLK: gl.constexpr = (SK + BLOCK_N - 1) // BLOCK_N
     WARPS: gl.constexpr = BLOCK_M // 16
@@ -127,8 +134,8 @@ def _attention_kernel_gluon(q_desc, k_desc, v_desc, q_scale_ptr, k_scale_ptr, v_
     qk = warpgroup_mma_wait(0, deps=[_issue_qk(q_smem, k_smem, k_bars, 0, s_zero, STAGES)])
     for j in range(0, NBLK - 1):
         s_tok = _issue_qk(q_smem, k_smem, k_bars, j + 1, s_zero, STAGES)            # S_{j+1} runs ...
-        p8, alpha, m_i, l_i = _softmax(qk, qs, k_scale_ptr, bh, j, m_i, l_i, SK, NBLK, BLOCK_N, LOG2_P, False,
-                                       s_layout, p_layout)                            # ... under block j's softmax
+        p8, alpha, m_i, l_i = _softmax(qk, qs, k_scale_ptr, bh, j, m_i, l_i, SK, NBLK, BLOCK_M, BLOCK_N, LOG2_P,
+                                       False, EMULATE_EXP2, s_layout, p_layout)       # ... under block j's softmax
         pv_tok = _issue_pv(p8, v_smem, v_bars, j, o_zero, STAGES)
         qk = warpgroup_mma_wait(1, deps=[s_tok])                                     # S_{j+1} done
         pv = warpgroup_mma_wait(0, deps=[pv_tok])                                    # PV_j done: slot j is free
@@ -136,8 +143,8 @@ def _attention_kernel_gluon(q_desc, k_desc, v_desc, q_scale_ptr, k_scale_ptr, v_
         _load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, bh, j + STAGES, SK, D, BLOCK_N, STAGES,
                  j + STAGES < NBLK)
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1) + pv
-    p8, alpha, m_i, l_i = _softmax(qk, qs, k_scale_ptr, bh, NBLK - 1, m_i, l_i, SK, NBLK, BLOCK_N, LOG2_P,
-                                   SK % BLOCK_N != 0, s_layout, p_layout)
+    p8, alpha, m_i, l_i = _softmax(qk, qs, k_scale_ptr, bh, NBLK - 1, m_i, l_i, SK, NBLK, BLOCK_M, BLOCK_N, LOG2_P,
+                                   SK % BLOCK_N != 0, EMULATE_EXP2, s_layout, p_layout)
     pv = warpgroup_mma_wait(0, deps=[_issue_pv(p8, v_smem, v_bars, NBLK - 1, o_zero, STAGES)])
     acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1) + pv
 
@@ -166,7 +173,7 @@ def descriptor_layouts(head_dim: int, block_m: int = 64):
             gl.NVMMASharedLayout.get_default_for([head_dim, BLOCK_N], gl.float8e4nv))
 
 
-def launch(qkv, out, num_stages: int, log2_p: float, block_m: int = 64):
+def launch(qkv, out, num_stages: int, log2_p: float, block_m: int = 64, emulate_exp2: bool = False):
     """The kernel, its grid and its arguments on quantized operands (``attention_triton.QuantizedQKV``, K in blocks
     of 128, fp8 Vᵀ): what ``attention_from_codes_gluon`` launches and tests/gluon_emulator.py runs on the CPU."""
     import triton
@@ -184,12 +191,13 @@ def launch(qkv, out, num_stages: int, log2_p: float, block_m: int = 64):
     args = (q_desc, k_desc, v_desc, qkv.q_scale, qkv.k_scale, qkv.v_scale, out, SQ, out.stride(0), out.stride(1),
             out.stride(2))
     constants = dict(H=H, SK=SK, D=D, BLOCK_M=block_m, BLOCK_N=BLOCK_N, STAGES=num_stages, LOG2_P=log2_p,
-                     num_warps=block_m // 16)
+                     EMULATE_EXP2=emulate_exp2, num_warps=block_m // 16)
     return _attention_kernel_gluon, (triton.cdiv(SQ, block_m), B * H), args, constants
 
 
-def attention_from_codes_gluon(qkv, out, num_stages: int, log2_p: float, block_m: int = 64):
+def attention_from_codes_gluon(qkv, out, num_stages: int, log2_p: float, block_m: int = 64,
+                               emulate_exp2: bool = False):
     """Launch on quantized operands (see ``launch``)."""
-    kernel, grid, args, constants = launch(qkv, out, num_stages, log2_p, block_m)
+    kernel, grid, args, constants = launch(qkv, out, num_stages, log2_p, block_m, emulate_exp2)
     kernel[grid](*args, **constants)
     return out

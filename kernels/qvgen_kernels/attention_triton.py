@@ -65,21 +65,21 @@ class AttentionConfig:
     kernel: str = "triton"
 
     @classmethod
-    def gluon(cls, num_stages: int = 2, block_m: int = 64) -> "AttentionConfig":
+    def gluon(cls, num_stages: int = 2, block_m: int = 64, emulate_exp2: bool = False) -> "AttentionConfig":
         """The Gluon kernel's config: 64 or 128 query rows (one or two warp groups) against 128-key blocks, and a
         ring of ``num_stages`` K / V slots. 128 rows halve the K / V traffic from L2 (benchmarks/runtime/RESULTS.md)."""
-        return cls(block_m=block_m, block_n=128, num_warps=block_m // 16, num_stages=num_stages, kernel="gluon")
+        return cls(block_m=block_m, block_n=128, num_warps=block_m // 16, num_stages=num_stages,
+                   emulate_exp2=emulate_exp2, kernel="gluon")
 
     def __post_init__(self):
         if self.kernel not in KERNELS:
             raise ValueError(f"AttentionConfig.kernel must be one of {KERNELS}, got {self.kernel!r}")
         gluon_shape = (self.block_m in (64, 128) and (self.block_n, self.num_warps, self.pv)
                        == (128, self.block_m // 16, "fp8"))
-        if self.kernel == "gluon" and (not gluon_shape or self.warp_specialize or self.emulate_exp2
-                                       or self.num_stages < 2):
+        if self.kernel == "gluon" and (not gluon_shape or self.warp_specialize or self.num_stages < 2):
             raise ValueError("AttentionConfig: the Gluon kernel runs 64 x 128 tiles with 4 warps or 128 x 128 with 8, "
                              "fp8 P.V and a ring "
-                             f"of num_stages >= 2, without warp_specialize / emulate_exp2 (AttentionConfig.gluon()); "
+                             f"of num_stages >= 2, without warp_specialize (AttentionConfig.gluon()); "
                              f"got {self}")
         if self.pv not in PV_DTYPES:
             raise ValueError(f"AttentionConfig.pv must be one of {PV_DTYPES}, got {self.pv!r}")
@@ -375,10 +375,12 @@ def _exp2_logits(x, EMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.co
     """exp2 of a block of logits; EMULATE: every other column on the FMA units (FlashAttention-4's trick), so the
     special-function unit, whose exp2 rate equals the tensor cores' logit rate at d = 128, does half the work.
     The column pairs split along a register bit of the MMA layout."""
-    if EMULATE:
+    if EMULATE:          # one return: Gluon, which calls this too, wants the same type from every return
         a, b = tl.split(x.reshape([BLOCK_M, BLOCK_N // 2, 2]))
-        return tl.join(tl.math.exp2(a), _exp2_poly(b)).reshape([BLOCK_M, BLOCK_N])
-    return tl.math.exp2(x)
+        y = tl.join(tl.math.exp2(a), _exp2_poly(b)).reshape([BLOCK_M, BLOCK_N])
+    else:
+        y = tl.math.exp2(x)
+    return y
 
 
 @triton.jit
@@ -493,7 +495,7 @@ def attention_from_codes(qkv: QuantizedQKV, out: torch.Tensor,
             raise ValueError("AttentionConfig(kernel='gluon') runs on a Hopper GPU (sm_90) only: it is written for "
                              "Hopper's wgmma and has no interpreter; use kernel='triton' here")
         from .attention_gluon import attention_from_codes_gluon
-        return attention_from_codes_gluon(qkv, out, cfg.num_stages, LOG2_P_SCALE, cfg.block_m)
+        return attention_from_codes_gluon(qkv, out, cfg.num_stages, LOG2_P_SCALE, cfg.block_m, cfg.emulate_exp2)
     s_pad = qkv.vt.shape[-1]
     q_desc = TensorDescriptor(qkv.q_codes, [B * H * SQ, D], [D, 1], [cfg.block_m, D])
     k_desc = TensorDescriptor(qkv.k_codes, [B * H * SK, D], [D, 1], [cfg.block_n, D])
