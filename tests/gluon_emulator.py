@@ -16,6 +16,11 @@ emulations, one program of the grid after another, and models what the hardware 
   free for a TMA copy only after a ``thread_barrier`` has followed the wait, else another warp group may still
   be reading it (the program runs as one thread of control, so this is checked as an ordering rule).
 - Pointer loads and stores check every unmasked address against the extent of the tensor they point into.
+- ``gl.warp_specialize`` runs its partitions as threads, one at a time: a partition runs until it waits on an
+  mbarrier phase that has not completed, or reaches a synchronisation point (a barrier operation, a TMA copy, a
+  product wait), where a seeded random choice picks who runs next; each partition has its own products in flight.
+  When every partition waits on a phase that cannot complete, that is the GPU's hang, and it raises. Different
+  ``seed``s explore different interleavings.
 
 What it does not model: warps running apart other than the rule above, layouts, the shared-memory layouts of TMA
 descriptors and register limits (the compiler's; benchmarks/runtime/sm90_report.py reads those), and timing.
@@ -25,255 +30,14 @@ cores keep about 22 bits, so fp8 results agree to the precision of their fp8 ope
 """
 from __future__ import annotations
 
-import math
+import threading
 import types
-from typing import Any, Optional
 
 import torch
 
-FP8_MAX = 448.0
-
-
-class GluonEmulationError(RuntimeError):
-    """A race, hang, out-of-bounds access or unsupported operation found while emulating a Gluon kernel."""
-
-
-class ETensor(torch.Tensor):
-    """A register tensor: torch arithmetic plus Gluon's ``.to(dtype, bitcast=...)`` and saturating fp8 casts."""
-
-    def to(self, *args, bitcast: bool = False, **kwargs):
-        dtype = args[0] if args and isinstance(args[0], torch.dtype) else kwargs.get("dtype")
-        if bitcast:
-            return self.view(dtype)
-        if dtype == torch.float8_e4m3fn:          # cvt.rn.satfinite: out-of-range values clamp to +-448
-            return torch.Tensor.to(torch.Tensor.clamp(self, -FP8_MAX, FP8_MAX), dtype)
-        return torch.Tensor.to(self, *args, **kwargs)
-
-
-def _reg(x) -> ETensor:
-    if isinstance(x, MMAToken):
-        x = x.value()
-    return x if isinstance(x, ETensor) else torch.as_tensor(x).as_subclass(ETensor)
-
-
-def _plain(x):
-    if isinstance(x, MMAToken):
-        x = x.value()
-    return x.as_subclass(torch.Tensor) if isinstance(x, torch.Tensor) else x
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Global memory: pointers and tensor descriptors
-# ----------------------------------------------------------------------------------------------------------------
-
-class _ElementType:
-    def __init__(self, dtype):
-        self.element_ty = dtype
-
-
-class Pointer:
-    """A tensor argument: a flat view of its storage from its first element, plus element offsets."""
-
-    def __init__(self, tensor: torch.Tensor, offset=0, name: str = "pointer"):
-        if tensor.dim() != 1 or tensor.stride(0) != 1:
-            raise ValueError("Pointer wants a flat tensor; use Pointer.of")
-        self.tensor, self.offset, self.name = tensor, offset, name
-
-    @classmethod
-    def of(cls, t: torch.Tensor, name: str) -> "Pointer":
-        """From the tensor's first element to its last (its extent, not the rest of a larger storage)."""
-        n = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) if t.numel() else 0
-        return cls(torch.as_strided(t, (n,), (1,), t.storage_offset()), 0, name)
-
-    @property
-    def dtype(self):
-        return _ElementType(self.tensor.dtype)
-
-    def __add__(self, other):
-        return Pointer(self.tensor, self.offset + other, self.name)
-
-    __radd__ = __add__
-
-    def _addresses(self, mask):
-        """Offsets and mask broadcast together; every unmasked offset checked against the tensor."""
-        off = _plain(_reg(self.offset)).to(torch.int64)
-        m = torch.ones((), dtype=torch.bool) if mask is None else _plain(_reg(mask)).to(torch.bool)
-        off, m = torch.broadcast_tensors(off, m)
-        live, n = off[m], self.tensor.numel()
-        if live.numel() and (live.min() < 0 or live.max() >= n):
-            raise GluonEmulationError(f"out-of-bounds access through {self.name}: offsets {int(live.min())}.."
-                                      f"{int(live.max())} of {n} elements")
-        return off.clamp(0, max(n - 1, 0)), m
-
-
-class DeviceDescriptor:
-    """The kernel's view of a host ``TensorDescriptor``: its block type, and the TMA copy of one block."""
-
-    class _BlockType:
-        def __init__(self, shape, dtype):
-            self.shape = list(shape)
-            self.nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-
-    def __init__(self, host, name: str):
-        self.host, self.name = host, name
-        self.dtype = host.base.dtype
-        self.layout = host.layout
-        self.block_type = self._BlockType(host.block_shape, self.dtype)
-        base = host.base
-        self.view = torch.as_strided(base, list(host.shape), list(host.strides), base.storage_offset())
-
-    def block(self, coord) -> torch.Tensor:
-        """The block at ``coord``; elements outside the tensor read as zero (TMA's padding)."""
-        if self.host.padding != "zero":
-            raise GluonEmulationError(f"{self.name}: only zero padding is emulated")
-        out = torch.zeros(self.block_type.shape, dtype=self.dtype)
-        src, dst = [], []
-        for c, b, n in zip(coord, self.block_type.shape, self.view.shape):
-            lo, hi = max(c, 0), min(c + b, n)
-            if hi <= lo:
-                return out
-            src.append(slice(lo, hi))
-            dst.append(slice(lo - c, hi - c))
-        out[tuple(dst)] = self.view[tuple(src)]
-        return out
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Shared memory, mbarriers, asynchronous products
-# ----------------------------------------------------------------------------------------------------------------
-
-class SharedMemory:
-    """An allocation; ``index(i)`` and ``permute`` give views. Tracks in-flight TMA writes and product reads."""
-
-    def __init__(self, program, dtype, shape, name):
-        self.program, self.data, self.name = program, torch.zeros(shape, dtype=dtype), name
-        self.writes = {}     # slot (None: the whole allocation) -> the barrier its TMA copy counts on
-        self.reads = {}      # slot -> set of outstanding product tokens
-        self.released = {}   # slot -> True: its products waited for, but no thread_barrier since (several groups)
-
-    def index(self, i):
-        return SharedView(self, int(i), None)
-
-    def permute(self, order):
-        return SharedView(self, None, tuple(order))
-
-    @property
-    def shape(self):
-        return list(self.data.shape)
-
-    def _overlaps(self, slot, table):
-        return [k for k, v in table.items() if v and (k is None or slot is None or k == slot)]
-
-
-class SharedView:
-    def __init__(self, mem: SharedMemory, slot: Optional[int], order):
-        self.mem, self.slot, self.order = mem, slot, order
-
-    def permute(self, order):
-        if self.order is not None:
-            raise GluonEmulationError("permute of a permuted view is not emulated")
-        return SharedView(self.mem, self.slot, tuple(order))
-
-    def where(self) -> str:
-        return self.mem.name + ("" if self.slot is None else f"[{self.slot}]")
-
-    def value(self) -> torch.Tensor:
-        t = self.mem.data if self.slot is None else self.mem.data[self.slot]
-        return t.permute(self.order) if self.order is not None else t
-
-    def check_readable(self, what: str):
-        if self.mem._overlaps(self.slot, self.mem.writes):
-            raise GluonEmulationError(f"{what} reads {self.where()} while a TMA copy into it is in flight "
-                                      "(no mbarrier wait completed its phase)")
-
-
-class Barrier:
-    def __init__(self, program, name):
-        self.program, self.name = program, name
-        self.count = None        # arrivals a phase needs; None until init
-        self.arrivals = self.tx = self.phase = 0
-        self.copies = []         # (view, data, nbytes) of TMA copies counted on the current phase
-        self.fenced = False
-        self.invalid = False
-
-    def _live(self, what):
-        if self.count is None or self.invalid:
-            raise GluonEmulationError(f"{what} on {self.name}, which is not initialized")
-        if not self.fenced:
-            raise GluonEmulationError(f"{what} on {self.name} before fence_async_shared() made its init visible "
-                                      "to the async proxy")
-
-    def arrive(self, what):
-        self.arrivals += 1
-        if self.arrivals > self.count:
-            raise GluonEmulationError(f"{what}: {self.name} gets arrival {self.arrivals} of {self.count} in phase "
-                                      f"{self.phase}: re-armed before a wait completed its phase")
-
-    def complete(self):
-        """Land this phase's copies; finish the phase if its arrivals and bytes are all in, else report a hang."""
-        for view, data, nbytes in self.copies:
-            view.mem.data[view.slot if view.slot is not None else slice(None)] = data
-            view.mem.writes.pop(view.slot, None)
-            self.tx -= nbytes
-        self.copies = []
-        if self.arrivals != self.count or self.tx != 0:
-            raise GluonEmulationError(f"wait on {self.name} phase {self.phase} never returns: {self.arrivals} of "
-                                      f"{self.count} arrivals, {self.tx} transaction bytes outstanding")
-        self.phase += 1
-        self.arrivals = 0
-
-
-class BarrierArray:
-    def __init__(self, program, n, name):
-        self.barriers = [Barrier(program, f"{name}[{i}]") for i in range(n)]
-
-    def index(self, i):
-        return self.barriers[int(i)]
-
-
-class MMAToken:
-    """An asynchronous product. Its value exists once a ``warpgroup_mma_wait`` has completed it; before that it can
-    only be waited for or chained as the accumulator of the next product (which the hardware orders after it)."""
-
-    def __init__(self, a, b, use_acc, acc):
-        self.a, self.b, self.use_acc, self.acc = a, b, use_acc, acc
-        self.result = None
-
-    def compute(self):
-        self.result = _product(self.a, self.b, self.acc if self.use_acc else None)
-
-    def value(self):
-        if self.result is None:
-            raise GluonEmulationError("an asynchronous warpgroup_mma result is used before a warpgroup_mma_wait "
-                                      "completed it")
-        return self.result
-
-    def _early(self, *args):
-        return _reg(self)          # raises unless completed
-
-    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __truediv__ = __getitem__ = _early
-
-    def to(self, *args, **kwargs):
-        return _reg(self).to(*args, **kwargs)
-
-
-def _operand(x):
-    return x.value() if isinstance(x, SharedView) else _plain(x)
-
-
-def _product(a, b, acc):
-    a, b = _operand(a), _operand(b)
-    if a.shape[-1] != b.shape[0]:
-        raise GluonEmulationError(f"warpgroup_mma shapes {tuple(a.shape)} x {tuple(b.shape)}")
-    if a.dtype == torch.int8 and b.dtype == torch.int8:
-        out = (a.double() @ b.double()).to(torch.int32)          # exact: |sum| < 2**53
-    elif a.is_floating_point() and b.is_floating_point():
-        out = (a.double() @ b.double()).to(torch.float32)
-    else:
-        raise GluonEmulationError(f"warpgroup_mma of {a.dtype} by {b.dtype}")
-    if acc is not None:
-        out = out + _plain(acc)     # a chained accumulator token was completed first: products complete in order
-    return _reg(out)
+from tests.gluon_emulator_partitions import _PartitionState, _Scheduler
+from tests.gluon_emulator_state import (Barrier, BarrierArray, DeviceDescriptor, GluonEmulationError,  # noqa: F401
+                                        MMAToken, Pointer, SharedMemory, SharedView, _plain, _product, _reg)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -310,13 +74,49 @@ class _Namespace:
 class Program:
     """One program of the grid: its ids, its shared memory and barriers, its outstanding products."""
 
-    def __init__(self, pid, num_warps: int = 4):
-        self.pid = pid
-        self.warp_groups = max(1, num_warps // 4)
-        self.outstanding = []
+    def __init__(self, pid, num_warps: int = 4, seed: int = 0):
+        self.pid, self.num_warps, self.seed = pid, num_warps, seed
+        self.scheduler = None          # a _Scheduler while gl.warp_specialize runs partitions
+        self._main = _PartitionState(max(1, num_warps // 4))
+        self._local = threading.local()
+        self.partitions = [self._main]
         self.barriers = []
         self.memories = []
         self.n_alloc = 0
+
+    @property
+    def state(self) -> _PartitionState:
+        return getattr(self._local, "state", self._main)
+
+    def sync_point(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.switch()
+
+    def warp_specialize(self, functions_and_args, worker_num_warps, worker_num_regs):
+        """The partitions as threads under a _Scheduler; returns what the default partition returns."""
+        if self.scheduler is not None:
+            raise GluonEmulationError("nested gl.warp_specialize")
+        if len(worker_num_warps) != len(functions_and_args) - 1 or len(worker_num_regs) != len(worker_num_warps):
+            raise GluonEmulationError("gl.warp_specialize: one warp count and one register count a worker partition")
+        warps = [self.num_warps] + [int(w) for w in worker_num_warps]
+        results = {}
+
+        def body(i, fn, args):
+            def run():
+                self._local.state = _PartitionState(max(1, warps[i] // 4))
+                self.partitions.append(self._local.state)
+                results[i] = fn(*args)
+                if self._local.state.outstanding:
+                    raise GluonEmulationError(f"partition {i} ends with {len(self._local.state.outstanding)} "
+                                              "warpgroup_mma in flight")
+            return run
+
+        self.scheduler = _Scheduler(self.seed)
+        try:
+            self.scheduler.run([body(i, fn, tuple(args)) for i, (fn, args) in enumerate(functions_and_args)])
+        finally:
+            self.scheduler = None
+        return results.get(0)
 
     # -- gl, and tl for the Triton functions a Gluon kernel calls ------------------------------------------------
     def gl(self):
@@ -389,6 +189,7 @@ class Program:
             join=lambda a, b: _reg(torch.stack([_plain(a), _plain(b)], -1)),
             math=_Namespace("math", exp2=lambda x: _reg(torch.exp2(_plain(x)))),
             convert_layout=lambda x, layout, **kw: x, thread_barrier=self.thread_barrier,
+            warp_specialize=self.warp_specialize,
             NVMMADistributedLayout=_Layout, DotOperandLayout=_Layout, SliceLayout=_Layout, BlockedLayout=_Layout,
             NVMMASharedLayout=_Layout,
             float32=torch.float32, float16=torch.float16, bfloat16=torch.bfloat16, float8e4nv=torch.float8_e4m3fn,
@@ -408,20 +209,26 @@ class Program:
         def expect(bar, nbytes, pred=True):
             if bool(pred):
                 bar._live("mbarrier.expect")
-                bar.arrive("mbarrier.expect")         # arrive.expect_tx: one arrival and the bytes to come
-                bar.tx += int(nbytes)
+                bar.tx += int(nbytes)                 # arrive.expect_tx: the bytes to come, and one arrival
+                bar.arrive("mbarrier.expect")
+                self.sync_point()
 
         def arrive(bar, *, count=1, pred=True):
             if bool(pred):
                 bar._live("mbarrier.arrive")
                 for _ in range(count):
                     bar.arrive("mbarrier.arrive")
+                self.sync_point()
 
         def wait(bar, phase, pred=True, deps=()):
             if not bool(pred):
                 return
             bar._live("mbarrier.wait")
-            if (bar.phase & 1) != (int(phase) & 1):
+            parity = int(phase) & 1
+            if self.scheduler is not None:             # other partitions may still arrive / issue the copies
+                self.scheduler.block_until(lambda: (bar.phase & 1) != parity or bar.can_complete(),
+                                           f"mbarrier.wait({bar.name}, {parity})")
+            if (bar.phase & 1) != parity:
                 return                                 # the phase of that parity is the completed previous one
             bar.complete()
 
@@ -451,14 +258,15 @@ class Program:
                 raise GluonEmulationError(f"TMA copy into {view.where()} while another copy into it is in flight")
             if view.mem._overlaps(view.slot, view.mem.released):
                 raise GluonEmulationError(f"TMA copy into {view.where()} after this warp group's wait for the products "
-                                          f"reading it but before a thread_barrier: with {self.warp_groups} warp "
-                                          "groups another may still be reading it")
+                                          "reading it but before a thread_barrier: with "
+                                          f"{self.state.warp_groups} warp groups another may still be reading it")
             data = desc.block([int(c) for c in coord])
             if list(data.shape) != list(view.value().shape) or data.dtype != view.mem.data.dtype:
                 raise GluonEmulationError(f"TMA block {tuple(data.shape)} {data.dtype} into {view.where()} "
                                           f"{tuple(view.value().shape)} {view.mem.data.dtype}")
             view.mem.writes[view.slot] = bar
             bar.copies.append((view, data, desc.block_type.nbytes))
+            self.sync_point()
 
         return _Namespace("tma", async_copy_global_to_shared=async_copy_global_to_shared)
 
@@ -475,27 +283,28 @@ class Program:
         for x in (a, b):
             if isinstance(x, SharedView):
                 x.mem.reads.setdefault(x.slot, set()).add(tok)
-        self.outstanding.append(tok)
+        self.state.outstanding.append(tok)
         return tok
 
     def warpgroup_mma_wait(self, num_outstanding=0, deps=None):
         if deps is None:
             raise GluonEmulationError("warpgroup_mma_wait deps must be given")
-        while len(self.outstanding) > num_outstanding:
-            tok = self.outstanding.pop(0)              # groups complete in the order they were issued
+        self.sync_point()
+        while len(self.state.outstanding) > num_outstanding:
+            tok = self.state.outstanding.pop(0)              # groups complete in the order they were issued
             tok.compute()
             for x in (tok.a, tok.b):
                 if isinstance(x, SharedView):
                     x.mem.reads[x.slot].discard(tok)
-                    if self.warp_groups > 1:
+                    if self.state.warp_groups > 1:
                         x.mem.released[x.slot] = True
         # a product still in flight comes back as its token: it may only be chained or waited for again
         results = [d.result if isinstance(d, MMAToken) and d.result is not None else d for d in deps]
         return results[0] if len(results) == 1 else tuple(results)
 
     def finish(self):
-        if self.outstanding:
-            raise GluonEmulationError(f"program {self.pid} exits with {len(self.outstanding)} warpgroup_mma in flight")
+        if any(st.outstanding for st in self.partitions):
+            raise GluonEmulationError(f"program {self.pid} exits with warpgroup_mma in flight")
         for bar in self.barriers:
             if bar.copies:
                 raise GluonEmulationError(f"program {self.pid} exits with TMA copies on {bar.name} never waited for")
@@ -541,8 +350,9 @@ def _bind(jit_fn, program: Program, cache: dict):
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg", "enable_fp_fusion")
 
 
-def emulate(jit_fn, grid, *args, **kwargs) -> None:
-    """``jit_fn[grid](*args, **kwargs)`` on the CPU, program by program (see the module docstring)."""
+def emulate(jit_fn, grid, *args, seed: int = 0, **kwargs) -> None:
+    """``jit_fn[grid](*args, **kwargs)`` on the CPU, program by program (see the module docstring); ``seed``: the
+    interleaving of warp-specialized partitions."""
     from triton.tools.tensor_descriptor import TensorDescriptor as TritonDescriptor
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
 
@@ -565,6 +375,6 @@ def emulate(jit_fn, grid, *args, **kwargs) -> None:
     for pz in range(grid[2]):
         for py in range(grid[1]):
             for px in range(grid[0]):
-                program = Program((px, py, pz), num_warps)
+                program = Program((px, py, pz), num_warps, seed + px + 7 * py)
                 _bind(jit_fn, program, {})(*args, **kwargs)
                 program.finish()

@@ -7,6 +7,7 @@ kernel always runs in the emulator, on CPU copies of the operands.
 """
 import importlib.util
 import os
+import re
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from qvgen_kernels.triton_env import INTERPRETER_HINT, interpreter_active  # noq
 if not torch.cuda.is_available() and not interpreter_active():
     pytest.skip(INTERPRETER_HINT, allow_module_level=True)
 
-from qvgen_kernels import attention_gluon  # noqa: E402
+from qvgen_kernels import attention_gluon, attention_gluon_ws  # noqa: E402
 from qvgen_kernels.attention import attention_float64  # noqa: E402
 from qvgen_kernels.attention_triton import (LOG2_P_SCALE, AttentionConfig, attention_from_codes,  # noqa: E402
                                             quantize_qkv)
@@ -129,3 +130,70 @@ def test_the_emulator_catches_each_kind_of_bug(name, tmp_path):
     block_m = 128 if "two warp groups" in name else 64
     with pytest.raises(GluonEmulationError, match=match):
         _emulated(_mutant(name, tmp_path), codes, q, stages=2, block_m=block_m)
+
+
+# ---------------------------------------------------------------------------------- the warp-specialized kernel
+WS_SOURCE = Path(attention_gluon_ws.__file__).read_text()
+
+
+def _emulated_ws(codes, q, stages, seed, kernel=None):
+    cpu = replace(codes, **{f.name: getattr(codes, f.name).cpu() for f in fields(codes)
+                            if isinstance(getattr(codes, f.name), torch.Tensor)})
+    out = torch.full(q.shape, float("nan"), dtype=q.dtype)
+    default, grid, args, constants = attention_gluon.launch(cpu, out, stages, LOG2_P_SCALE, 128,
+                                                            warp_specialize=True)
+    emulate(kernel or default, grid, *args, seed=seed, **constants)
+    return out
+
+
+@pytest.mark.parametrize("B, SQ, SK, H, D, stages", [(1, 100, 300, 2, 64, 2), (2, 130, 1000, 2, 128, 3),
+                                                     (1, 50, 100, 1, 128, 2), (1, 200, 700, 1, 128, 2)])
+def test_warp_specialized_kernel_computes_what_the_triton_kernel_computes(B, SQ, SK, H, D, stages):
+    """A producer warp and two consumer warp groups as three threads, under four interleavings each."""
+    q, k, v, codes = _operands(B, SQ, SK, H, D, seed=SK + D)
+    ref = attention_from_codes(codes, torch.empty_like(q), TRITON_TILES).cpu()
+    for seed in range(4):
+        got = _emulated_ws(codes, q, stages, seed)
+        assert not got.isnan().any(), "rows left unwritten"
+        assert max_rel_diff(got, ref) <= 1e-5, seed
+
+
+# what a race between partitions shows as, depending on the interleaving: a copy over a slot a product reads, a
+# product reading a slot before its copy landed, a barrier re-armed mid-phase, or a hang
+_RACE = "while an outstanding warpgroup_mma reads it|copy into it is in flight|while another copy|re-armed|hang"
+WS_MUTATIONS = {   # the producer / consumer protocol, each rule broken: (old, new, the error)
+    "producer waits on the wrong parity": ("(blk // STAGES + 1) & 1, pred=blk >= STAGES)",
+                                           "(blk // STAGES) & 1, pred=blk >= STAGES)", _RACE),
+    "one consumer never releases its slots": (
+        "        mbarrier.arrive(empty_bars.index(j % STAGES))                                # ... slot j is free here",
+        "        mbarrier.arrive(empty_bars.index(j % STAGES), pred=row0 % 128 == 0)", "hang: every partition"),
+    "a slot released before its P.V is waited for": (
+        "        pv = warpgroup_mma_wait(0, deps=[pv_tok])                                    # PV_j done ...\n"
+        "        mbarrier.arrive(empty_bars.index(j % STAGES))                                # ... slot j is free here",
+        "        mbarrier.arrive(empty_bars.index(j % STAGES))\n"
+        "        pv = warpgroup_mma_wait(0, deps=[pv_tok])", "while an outstanding warpgroup_mma reads it"),
+    "the slot freed on one consumer's release": ("mbarrier.init(empty_bars.index(i), count=2)",
+                                                "mbarrier.init(empty_bars.index(i), count=1)", _RACE),
+}
+
+
+@pytest.mark.parametrize("name", list(WS_MUTATIONS))
+def test_the_emulator_catches_each_broken_partition_protocol(name, tmp_path):
+    """Races between partitions show under some interleavings only: each mutation must be caught under one of
+    eight seeded schedules (in practice, most of them)."""
+    old, new, error = WS_MUTATIONS[name]
+    assert WS_SOURCE.count(old) == 1, f"mutation {name!r} no longer applies to attention_gluon_ws.py"
+    path = tmp_path / "attention_gluon_ws_mutant.py"
+    path.write_text(WS_SOURCE.replace(old, new).replace("from .attention_gluon", "from qvgen_kernels.attention_gluon"))
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    mutant = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mutant)
+    q, k, v, codes = _operands(1, 200, 700, 1, 128, seed=9)
+    caught = []
+    for seed in range(8):
+        try:
+            _emulated_ws(codes, q, 2, seed, kernel=mutant._attention_kernel_gluon_ws)
+        except GluonEmulationError as e:
+            caught.append(str(e))
+    assert caught, f"{name}: no interleaving of eight caught it"
+    assert all(re.search(error, c) for c in caught), caught

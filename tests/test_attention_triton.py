@@ -235,6 +235,8 @@ def test_gluon_kernel_is_refused_off_hopper_and_at_other_tiles():
     with pytest.raises(ValueError, match="64 x 128 tiles with 4 warps or 128 x 128 with 8"):
         AttentionConfig(block_m=128, num_warps=4, kernel="gluon")
     assert AttentionConfig.gluon(3, block_m=128).num_warps == 8
+    with pytest.raises(ValueError, match="warp_specialize at 128 rows only"):
+        AttentionConfig.gluon(2, block_m=64, warp_specialize=True)
     with pytest.raises(ValueError, match="kernel must be one of"):
         AttentionConfig(kernel="cuda")
     if torch.cuda.is_available():
@@ -247,21 +249,22 @@ def test_gluon_kernel_is_refused_off_hopper_and_at_other_tiles():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
                     reason="needs a Hopper GPU (sm_90)")
-@pytest.mark.parametrize("SQ, SK, H, D", [(300, 1000, 2, 128),       # partial last key block, several ring turns
-                                          (200, 256, 2, 64),         # whole blocks, d = 64
-                                          (100, 100, 1, 128),        # one key block, fewer than the ring's slots
-                                          (4096, 512, 4, 128),       # Wan cross-attention to the text
-                                          (32760, 32760, 2, 128)])   # Wan 480p self-attention
-@pytest.mark.parametrize("stages", [2, 3])
-@pytest.mark.parametrize("block_m", [64, 128])
-def test_gluon_kernel_computes_what_the_triton_kernel_computes(SQ, SK, H, D, stages, block_m):
+@pytest.mark.parametrize("SQ, SK, H, D, stages, block_m, ws", [
+    # every config at a partial last key block turning the ring several times, and at Wan 480p self-attention
+    *[(S, S2, 2, 128, st, bm, ws) for S, S2 in ((300, 1000), (32760, 32760))
+      for st in (2, 3) for bm, ws in ((64, False), (128, False), (128, True))],
+    (200, 256, 2, 64, 2, 64, False), (200, 256, 2, 64, 3, 128, False), (200, 256, 2, 64, 2, 128, True),   # d = 64
+    (100, 100, 1, 128, 3, 64, False), (100, 100, 1, 128, 3, 128, True),   # one key block, fewer than the slots
+    (4096, 512, 4, 128, 2, 64, False), (4096, 512, 4, 128, 2, 128, True)])  # Wan cross-attention to the text
+def test_gluon_kernel_computes_what_the_triton_kernel_computes(SQ, SK, H, D, stages, block_m, ws):
     """The same operands through both kernels: the same math in the same order of accumulation, so the outputs
     agree to bf16 rounding; and both stay on float64."""
     q, k, v = (t.to("cuda", torch.bfloat16) for t in qkv(1, SQ, SK, H, D, seed=SK + D, scale=1.5))
     cfg = AttentionConfig(block_m=64, block_n=128, num_warps=4, num_stages=stages)
     qkv_codes = quantize_qkv(q, k, v, config=cfg)
     ref = attention_from_codes(qkv_codes, torch.empty_like(q), cfg)
-    got = attention_from_codes(qkv_codes, torch.empty_like(q), AttentionConfig.gluon(stages, block_m))
+    got = attention_from_codes(qkv_codes, torch.empty_like(q), AttentionConfig.gluon(stages, block_m,
+                                                                                     warp_specialize=ws))
     torch.cuda.synchronize()
     assert torch.isfinite(got).all()
     assert max_rel_diff(got, ref) <= 1e-2, max_rel_diff(got, ref)

@@ -53,6 +53,20 @@ def test_default_int8_gemm_builds_for_hopper_without_spills_in_its_k_loop(N, K, 
     assert g["k_loop_instructions"] > 0 and g["spill_instructions_in_k_loop"] == 0, g
 
 
+def test_warp_specialized_gluon_kernel_builds_a_producer_warp_and_two_consumer_groups():
+    """attention_gluon_ws: the default partition and a 4-warp worker each run the key loop of 64 rows (both
+    products, the exponentials under the next Q.K), a 1-warp worker issues the K / V copies; no spills."""
+    rep = report.report(AttentionConfig.gluon(2, 128, warp_specialize=True), 128, kv_tokens=32760)
+    assert rep.error is None, rep.error
+    assert rep.spill_stores == 0 and rep.spill_loads == 0 and rep.register_operand_overwrites == 0, rep
+    default, consumer, producer = rep.partitions
+    assert default["products"] == consumer["products"] == 4 and consumer["warps"] == 4, rep.partitions
+    assert producer["warps"] == 1 and producer["products"] == 0 and producer["tma_copies"] == 2, rep.partitions
+    loop = rep.key_loop
+    assert loop["igmma"] == 4 and loop["qgmma"] == 4 and loop["local_memory"] == 0, loop
+    assert loop["exp2_in_flight"] == loop["mufu_ex2"] == 66, loop
+
+
 def test_gluon_kernel_with_emulated_exp2_moves_half_the_exponentials_and_keeps_them_under_the_product():
     plain = report.report(AttentionConfig.gluon(2, 128), 128, kv_tokens=32760)
     emulated = report.report(AttentionConfig.gluon(2, 128, emulate_exp2=True), 128, kv_tokens=32760)

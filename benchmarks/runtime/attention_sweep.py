@@ -21,4 +21,6 @@ TINY_SWEEPS = {64: [(32, 32, 4, 2), (16, 32, 4, 2), (32, 32, 4, 2, "fp8", True),
 # of them to the FMA units still pays is for the GPU to say.
 GLUON_SWEEP = [(64, 128, 4, 2, "fp8", False, False, "gluon"), (64, 128, 4, 3, "fp8", False, False, "gluon"),
                (128, 128, 8, 2, "fp8", False, False, "gluon"), (128, 128, 8, 3, "fp8", False, False, "gluon"),
-               (64, 128, 4, 2, "fp8", False, True, "gluon"), (128, 128, 8, 2, "fp8", False, True, "gluon")]
+               (64, 128, 4, 2, "fp8", False, True, "gluon"), (128, 128, 8, 2, "fp8", False, True, "gluon"),
+               (128, 128, 8, 2, "fp8", True, False, "gluon"), (128, 128, 8, 3, "fp8", True, False, "gluon")]
+# the last two: attention_gluon_ws (a producer warp, each 64-row warp group a partition of its own)

@@ -36,6 +36,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from qvgen_kernels.attention import LOG2_P_SCALE  # noqa: E402
 from qvgen_kernels.attention_gluon import _attention_kernel_gluon, descriptor_layouts  # noqa: E402
+from qvgen_kernels.attention_gluon_ws import _attention_kernel_gluon_ws  # noqa: E402
 from qvgen_kernels.attention_triton import AttentionConfig, _attention_kernel, default_config  # noqa: E402
 from qvgen_kernels.qgemm import EPILOGUES  # noqa: E402
 from qvgen_kernels.qgemm_gluon import _gemm_gluon_kernel  # noqa: E402
@@ -90,18 +91,21 @@ def compile_attention(cfg: AttentionConfig, head_dim: int, kv_tokens: int, heads
 
 
 def compile_attention_gluon(cfg: AttentionConfig, head_dim: int, kv_tokens: int, heads: int = 12):
-    """attention_gluon's kernel for sm_90a (its descriptors carry their shared-memory layouts)."""
+    """attention_gluon's kernel (attention_gluon_ws's with ``warp_specialize``) for sm_90a (its descriptors carry
+    their shared-memory layouts)."""
     from triton.experimental.gluon._runtime import GluonASTSource
     d = head_dim
-    layouts = descriptor_layouts(d, cfg.block_m)
+    q_rows = 64 if cfg.warp_specialize else cfg.block_m       # each consumer warp group loads its own Q rows
+    layouts = descriptor_layouts(d, q_rows)
     desc = lambda el, block, layout: f"tensordesc<{el}[{block[0]}, {block[1]}],{layout!r}>"  # noqa: E731
-    types = {"q_desc": desc("i8", [cfg.block_m, d], layouts[0]), "k_desc": desc("i8", [cfg.block_n, d], layouts[1]),
+    types = {"q_desc": desc("i8", [q_rows, d], layouts[0]), "k_desc": desc("i8", [cfg.block_n, d], layouts[1]),
              "v_desc": desc("fp8e4nv", [d, cfg.block_n], layouts[2]), "q_scale_ptr": "*fp32",
              "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32", "o_ptr": "*bf16", "SQ": "i32", "stride_ob": "i32",
              "stride_os": "i32", "stride_oh": "i32"}
     constants = dict(H=heads, SK=kv_tokens, D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, STAGES=cfg.num_stages,
                      LOG2_P=LOG2_P_SCALE, EMULATE_EXP2=cfg.emulate_exp2)
-    return _compile(_attention_kernel_gluon, types, constants, _ALIGNED, dict(num_warps=cfg.num_warps),
+    kernel = _attention_kernel_gluon_ws if cfg.warp_specialize else _attention_kernel_gluon
+    return _compile(kernel, types, constants, _ALIGNED, dict(num_warps=4 if cfg.warp_specialize else cfg.num_warps),
                     source=GluonASTSource)
 
 

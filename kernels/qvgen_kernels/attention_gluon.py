@@ -173,7 +173,8 @@ def descriptor_layouts(head_dim: int, block_m: int = 64):
             gl.NVMMASharedLayout.get_default_for([head_dim, BLOCK_N], gl.float8e4nv))
 
 
-def launch(qkv, out, num_stages: int, log2_p: float, block_m: int = 64, emulate_exp2: bool = False):
+def launch(qkv, out, num_stages: int, log2_p: float, block_m: int = 64, emulate_exp2: bool = False,
+           warp_specialize: bool = False):
     """The kernel, its grid and its arguments on quantized operands (``attention_triton.QuantizedQKV``, K in blocks
     of 128, fp8 Vᵀ): what ``attention_from_codes_gluon`` launches and tests/gluon_emulator.py runs on the CPU."""
     import triton
@@ -182,22 +183,28 @@ def launch(qkv, out, num_stages: int, log2_p: float, block_m: int = 64, emulate_
     B, H, SQ, D = qkv.q_codes.shape
     SK = qkv.k_codes.shape[2]
     s_pad = qkv.vt.shape[-1]
-    if block_m not in BLOCK_MS:
-        raise ValueError(f"the Gluon attention kernel runs {BLOCK_MS} query rows a program, got {block_m}")
-    q_layout, k_layout, v_layout = descriptor_layouts(D, block_m)
-    q_desc = TensorDescriptor(qkv.q_codes, [B * H * SQ, D], [D, 1], [block_m, D], q_layout)
+    if block_m not in BLOCK_MS or (warp_specialize and block_m != 128):
+        raise ValueError(f"the Gluon attention kernel runs {BLOCK_MS} query rows a program (128 when warp "
+                         f"specialized), got {block_m}")
+    q_rows = 64 if warp_specialize else block_m          # each consumer warp group loads its own 64 rows
+    q_layout, k_layout, v_layout = descriptor_layouts(D, q_rows)
+    q_desc = TensorDescriptor(qkv.q_codes, [B * H * SQ, D], [D, 1], [q_rows, D], q_layout)
     k_desc = TensorDescriptor(qkv.k_codes, [B * H * SK, D], [D, 1], [BLOCK_N, D], k_layout)
     v_desc = TensorDescriptor(qkv.vt, [B * H * D, s_pad], [s_pad, 1], [D, BLOCK_N], v_layout)
     args = (q_desc, k_desc, v_desc, qkv.q_scale, qkv.k_scale, qkv.v_scale, out, SQ, out.stride(0), out.stride(1),
             out.stride(2))
     constants = dict(H=H, SK=SK, D=D, BLOCK_M=block_m, BLOCK_N=BLOCK_N, STAGES=num_stages, LOG2_P=log2_p,
-                     EMULATE_EXP2=emulate_exp2, num_warps=block_m // 16)
-    return _attention_kernel_gluon, (triton.cdiv(SQ, block_m), B * H), args, constants
+                     EMULATE_EXP2=emulate_exp2, num_warps=4 if warp_specialize else block_m // 16)
+    if warp_specialize:
+        from .attention_gluon_ws import _attention_kernel_gluon_ws as kernel
+    else:
+        kernel = _attention_kernel_gluon
+    return kernel, (triton.cdiv(SQ, block_m), B * H), args, constants
 
 
 def attention_from_codes_gluon(qkv, out, num_stages: int, log2_p: float, block_m: int = 64,
-                               emulate_exp2: bool = False):
-    """Launch on quantized operands (see ``launch``)."""
-    kernel, grid, args, constants = launch(qkv, out, num_stages, log2_p, block_m, emulate_exp2)
+                               emulate_exp2: bool = False, warp_specialize: bool = False):
+    """Launch on quantized operands (see ``launch``; ``warp_specialize``: attention_gluon_ws's kernel)."""
+    kernel, grid, args, constants = launch(qkv, out, num_stages, log2_p, block_m, emulate_exp2, warp_specialize)
     kernel[grid](*args, **constants)
     return out

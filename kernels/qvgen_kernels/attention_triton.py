@@ -65,21 +65,24 @@ class AttentionConfig:
     kernel: str = "triton"
 
     @classmethod
-    def gluon(cls, num_stages: int = 2, block_m: int = 64, emulate_exp2: bool = False) -> "AttentionConfig":
+    def gluon(cls, num_stages: int = 2, block_m: int = 64, emulate_exp2: bool = False,
+              warp_specialize: bool = False) -> "AttentionConfig":
         """The Gluon kernel's config: 64 or 128 query rows (one or two warp groups) against 128-key blocks, and a
-        ring of ``num_stages`` K / V slots. 128 rows halve the K / V traffic from L2 (benchmarks/runtime/RESULTS.md)."""
+        ring of ``num_stages`` K / V slots. 128 rows halve the K / V traffic from L2 (benchmarks/runtime/RESULTS.md).
+        ``warp_specialize`` (128 rows): attention_gluon_ws, each 64-row group a partition and a producer warp."""
         return cls(block_m=block_m, block_n=128, num_warps=block_m // 16, num_stages=num_stages,
-                   emulate_exp2=emulate_exp2, kernel="gluon")
+                   emulate_exp2=emulate_exp2, warp_specialize=warp_specialize, kernel="gluon")
 
     def __post_init__(self):
         if self.kernel not in KERNELS:
             raise ValueError(f"AttentionConfig.kernel must be one of {KERNELS}, got {self.kernel!r}")
         gluon_shape = (self.block_m in (64, 128) and (self.block_n, self.num_warps, self.pv)
                        == (128, self.block_m // 16, "fp8"))
-        if self.kernel == "gluon" and (not gluon_shape or self.warp_specialize or self.num_stages < 2):
+        if self.kernel == "gluon" and (not gluon_shape or (self.warp_specialize and self.block_m != 128)
+                                       or self.num_stages < 2):
             raise ValueError("AttentionConfig: the Gluon kernel runs 64 x 128 tiles with 4 warps or 128 x 128 with 8, "
                              "fp8 P.V and a ring "
-                             f"of num_stages >= 2, without warp_specialize (AttentionConfig.gluon()); "
+                             f"of num_stages >= 2, warp_specialize at 128 rows only (AttentionConfig.gluon()); "
                              f"got {self}")
         if self.pv not in PV_DTYPES:
             raise ValueError(f"AttentionConfig.pv must be one of {PV_DTYPES}, got {self.pv!r}")
@@ -495,7 +498,8 @@ def attention_from_codes(qkv: QuantizedQKV, out: torch.Tensor,
             raise ValueError("AttentionConfig(kernel='gluon') runs on a Hopper GPU (sm_90) only: it is written for "
                              "Hopper's wgmma and has no interpreter; use kernel='triton' here")
         from .attention_gluon import attention_from_codes_gluon
-        return attention_from_codes_gluon(qkv, out, cfg.num_stages, LOG2_P_SCALE, cfg.block_m, cfg.emulate_exp2)
+        return attention_from_codes_gluon(qkv, out, cfg.num_stages, LOG2_P_SCALE, cfg.block_m, cfg.emulate_exp2,
+                                          cfg.warp_specialize)
     s_pad = qkv.vt.shape[-1]
     q_desc = TensorDescriptor(qkv.q_codes, [B * H * SQ, D], [D, 1], [cfg.block_m, D])
     k_desc = TensorDescriptor(qkv.k_codes, [B * H * SK, D], [D, 1], [cfg.block_n, D])
