@@ -25,7 +25,7 @@ if [ -f .cache/triton_cache.tgz ]; then mkdir -p ~/.triton && tar xzf .cache/tri
 PYTEST="python3 -m pytest --noconftest -p no:cacheprovider -q -rs -W ignore::pytest.PytestUnknownMarkWarning"
 GLUON_SKIP="--skip-sections gluon"
 if [ -z "${SKIP_TESTS:-}" ] || [ -n "${GLUON_TESTS:-}" ]; then
-  timeout ${GLUON_TEST_TIMEOUT:-150} $PYTEST tests/test_attention_triton.py -k "gluon and gpu" 2>&1 \
+  timeout ${GLUON_TEST_TIMEOUT:-220} $PYTEST tests/test_attention_triton.py -k "gluon and gpu" 2>&1 \
     | tee $OUT/gluon_tests.txt | tail -4
   [ "${PIPESTATUS[0]}" = "0" ] && grep -q " passed" $OUT/gluon_tests.txt && GLUON_SKIP=""
   timeout ${GLUON_GEMM_TEST_TIMEOUT:-150} $PYTEST tests/test_kernels_gemm_gluon.py -k hopper 2>&1 \
