@@ -5,7 +5,8 @@ be checked on a lent GPU. This executes the kernel's Python source with the Gluo
 emulations, one program of the grid after another, and models what the hardware makes asynchronous:
 
 - TMA copies land in shared memory only when a wait on their mbarrier completes the phase they were counted in;
-  a product or load that reads a slot before that is a read-after-write race and raises.
+  a product that reads a slot before that, or without its own partition having waited on that phase (another
+  partition's wait orders nothing for it), is a read-after-write race and raises.
 - mbarriers keep their arrival count, transaction bytes and phase. ``wait(bar, parity)`` returns at once when the
   phase of that parity is already complete (the hardware rule: waiting for parity 1 on a fresh barrier does not
   wait), and raises when the phase it waits for can never complete (a hang on the GPU).
@@ -77,7 +78,7 @@ class Program:
     def __init__(self, pid, num_warps: int = 4, seed: int = 0):
         self.pid, self.num_warps, self.seed = pid, num_warps, seed
         self.scheduler = None          # a _Scheduler while gl.warp_specialize runs partitions
-        self._main = _PartitionState(max(1, num_warps // 4))
+        self._main = _PartitionState(max(1, num_warps // 4), "the program")
         self._local = threading.local()
         self.partitions = [self._main]
         self.barriers = []
@@ -103,7 +104,7 @@ class Program:
 
         def body(i, fn, args):
             def run():
-                self._local.state = _PartitionState(max(1, warps[i] // 4))
+                self._local.state = _PartitionState(max(1, warps[i] // 4), f"partition {i}")
                 self.partitions.append(self._local.state)
                 results[i] = fn(*args)
                 if self._local.state.outstanding:
@@ -196,8 +197,9 @@ class Program:
             int8=torch.int8, int32=torch.int32, int64=torch.int64)
 
     def thread_barrier(self):
+        """A barrier of the calling partition's warps (the whole program's outside gl.warp_specialize)."""
         for mem in self.memories:
-            mem.released.clear()
+            mem.barrier_passed(self.state)
 
     # -- mbarrier, tma, wgmma -------------------------------------------------------------------------------------
     def mbarrier(self):
@@ -216,6 +218,7 @@ class Program:
         def arrive(bar, *, count=1, pred=True):
             if bool(pred):
                 bar._live("mbarrier.arrive")
+                self.thread_barrier()          # Gluon puts a barrier of the partition's warps before the arrive
                 for _ in range(count):
                     bar.arrive("mbarrier.arrive")
                 self.sync_point()
@@ -228,9 +231,11 @@ class Program:
             if self.scheduler is not None:             # other partitions may still arrive / issue the copies
                 self.scheduler.block_until(lambda: (bar.phase & 1) != parity or bar.can_complete(),
                                            f"mbarrier.wait({bar.name}, {parity})")
-            if (bar.phase & 1) != parity:
-                return                                 # the phase of that parity is the completed previous one
-            bar.complete()
+            if (bar.phase & 1) == parity:
+                bar.complete()
+            # else the phase of that parity is the completed previous one; either way this partition has now seen
+            # every phase completed so far
+            self.state.seen[bar] = max(self.state.seen.get(bar, 0), bar.phase)
 
         def invalidate(bar):
             bar._live("mbarrier.invalidate")
@@ -256,10 +261,11 @@ class Program:
                                           "it (wait for the product before refilling the slot)")
             if view.mem._overlaps(view.slot, view.mem.writes):
                 raise GluonEmulationError(f"TMA copy into {view.where()} while another copy into it is in flight")
-            if view.mem._overlaps(view.slot, view.mem.released):
-                raise GluonEmulationError(f"TMA copy into {view.where()} after this warp group's wait for the products "
-                                          "reading it but before a thread_barrier: with "
-                                          f"{self.state.warp_groups} warp groups another may still be reading it")
+            readers = [p for k in view.mem._overlaps(view.slot, view.mem.released) for p in view.mem.released[k]]
+            if readers:
+                raise GluonEmulationError(f"TMA copy into {view.where()} after one warp group of {readers[0].name} "
+                                          f"waited for the products reading it but before a thread_barrier: its "
+                                          f"{readers[0].warp_groups} warp groups may not all be past their waits")
             data = desc.block([int(c) for c in coord])
             if list(data.shape) != list(view.value().shape) or data.dtype != view.mem.data.dtype:
                 raise GluonEmulationError(f"TMA block {tuple(data.shape)} {data.dtype} into {view.where()} "
@@ -275,7 +281,7 @@ class Program:
         a, b = (SharedView(x, None, None) if isinstance(x, SharedMemory) else x for x in (a, b))
         for x in (a, b):
             if isinstance(x, SharedView):
-                x.check_readable("warpgroup_mma")
+                x.check_readable("warpgroup_mma", self.state)
         if not is_async:           # a synchronous product waits for every group in flight, then for itself
             self.warpgroup_mma_wait(0, deps=[])
             return _product(a, b, acc if bool(use_acc) else None)
@@ -297,7 +303,7 @@ class Program:
                 if isinstance(x, SharedView):
                     x.mem.reads[x.slot].discard(tok)
                     if self.state.warp_groups > 1:
-                        x.mem.released[x.slot] = True
+                        x.mem.release(x.slot, self.state)
         # a product still in flight comes back as its token: it may only be chained or waited for again
         results = [d.result if isinstance(d, MMAToken) and d.result is not None else d for d in deps]
         return results[0] if len(results) == 1 else tuple(results)
@@ -375,6 +381,6 @@ def emulate(jit_fn, grid, *args, seed: int = 0, **kwargs) -> None:
     for pz in range(grid[2]):
         for py in range(grid[1]):
             for px in range(grid[0]):
-                program = Program((px, py, pz), num_warps, seed + px + 7 * py)
+                program = Program((px, py, pz), num_warps, seed * 1_000_003 + (pz * grid[1] + py) * grid[0] + px)
                 _bind(jit_fn, program, {})(*args, **kwargs)
                 program.finish()

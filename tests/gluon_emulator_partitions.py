@@ -6,12 +6,15 @@ import threading
 
 from tests.gluon_emulator_state import GluonEmulationError
 
+JOIN_TIMEOUT_S = 600
+
 class _PartitionState:
     """What each warp-specialized partition has of its own: its products in flight and its warp groups."""
 
-    def __init__(self, warp_groups: int):
-        self.warp_groups = warp_groups
+    def __init__(self, warp_groups: int, name: str = "the program"):
+        self.warp_groups, self.name = warp_groups, name
         self.outstanding = []
+        self.seen = {}       # barrier -> phases completed when this partition last waited on it
 
 
 class _Abort(BaseException):
@@ -37,7 +40,10 @@ class _Scheduler:
         for t in threads:
             t.start()
         for t in threads:
-            t.join()
+            t.join(timeout=JOIN_TIMEOUT_S)
+            if t.is_alive():
+                raise GluonEmulationError(f"a partition ran {JOIN_TIMEOUT_S} s without reaching a synchronisation "
+                                          "point")
         if self.error is not None:
             raise self.error
 

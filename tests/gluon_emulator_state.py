@@ -125,7 +125,8 @@ class SharedMemory:
         self.program, self.data, self.name = program, torch.zeros(shape, dtype=dtype), name
         self.writes = {}     # slot (None: the whole allocation) -> the barrier its TMA copy counts on
         self.reads = {}      # slot -> set of outstanding product tokens
-        self.released = {}   # slot -> True: its products waited for, but no thread_barrier since (several groups)
+        self.released = {}   # slot -> partitions (of several warp groups) past their wait, not yet past a barrier
+        self.landed = {}     # slot -> (barrier, completed phases after which its content is valid)
 
     def index(self, i):
         return SharedView(self, int(i), None)
@@ -139,6 +140,13 @@ class SharedMemory:
 
     def _overlaps(self, slot, table):
         return [k for k, v in table.items() if v and (k is None or slot is None or k == slot)]
+
+    def release(self, slot, partition):
+        self.released.setdefault(slot, set()).add(partition)
+
+    def barrier_passed(self, partition):
+        for waiting in self.released.values():
+            waiting.discard(partition)
 
 
 class SharedView:
@@ -157,10 +165,18 @@ class SharedView:
         t = self.mem.data if self.slot is None else self.mem.data[self.slot]
         return t.permute(self.order) if self.order is not None else t
 
-    def check_readable(self, what: str):
+    def check_readable(self, what: str, partition):
+        """The content must have landed, through a barrier phase this reading partition has itself waited for."""
         if self.mem._overlaps(self.slot, self.mem.writes):
             raise GluonEmulationError(f"{what} reads {self.where()} while a TMA copy into it is in flight "
                                       "(no mbarrier wait completed its phase)")
+        landed = self.mem.landed.get(self.slot) or self.mem.landed.get(None)
+        if landed is None:
+            raise GluonEmulationError(f"{what} reads {self.where()}, which no TMA copy has filled")
+        bar, phases = landed
+        if partition.seen.get(bar, 0) < phases:
+            raise GluonEmulationError(f"{what} reads {self.where()} without having waited on {bar.name} for the "
+                                      "copy that filled it (another partition's wait does not order this one)")
 
 
 class Barrier:
@@ -197,6 +213,7 @@ class Barrier:
         for view, data, nbytes in self.copies:
             view.mem.data[view.slot if view.slot is not None else slice(None)] = data
             view.mem.writes.pop(view.slot, None)
+            view.mem.landed[view.slot] = (self, self.phase + 1)
             self.tx -= nbytes
         self.copies = []
         if self.arrivals != self.count or self.tx != 0:

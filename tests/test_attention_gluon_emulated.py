@@ -8,6 +8,7 @@ kernel always runs in the emulator, on CPU copies of the operands.
 import importlib.util
 import os
 import re
+import sys
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -79,57 +80,66 @@ def test_emulated_exp2_in_the_gluon_kernel_is_the_triton_kernels(SK, block_m):
     assert not torch.equal(got, plain), "emulate_exp2 changed nothing in the Gluon kernel"
 
 
-# Each a bug the emulator must catch: (what the mutation does, old text, new text, the error it must raise).
+# Each a bug the emulator must catch: what the mutation does -> ([(old text, new text), ...], the error it raises).
 KERNEL_SOURCE = Path(attention_gluon.__file__).read_text()
-_LOOP_PV_WAIT = "        pv = warpgroup_mma_wait(0, deps=[pv_tok])                                    # PV_j done: slot j is free\n"
+_PV_WAIT = "        pv = warpgroup_mma_wait(0, deps=[pv_tok])                                    # PV_j done: slot j is free\n"
 _LOOP_ACC = "        acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1) + pv\n    p8, alpha"
+_PV_WAIT_LAST = [(_PV_WAIT, ""), (_LOOP_ACC, _PV_WAIT + _LOOP_ACC)]     # the loop's P.V wait after the slot's release
 MUTATIONS = {
-    "phase parity off by one": ("mbarrier.wait(k_bars.index(s), (blk // STAGES) & 1)",
-                                "mbarrier.wait(k_bars.index(s), (blk // STAGES + 1) & 1)",
+    "phase parity off by one": ([("mbarrier.wait(k_bars.index(s), (blk // STAGES) & 1)",
+                                  "mbarrier.wait(k_bars.index(s), (blk // STAGES + 1) & 1)")],
                                 "reads .* while a TMA copy into it is in flight"),
-    "slot refilled before its P.V is waited for": (_LOOP_PV_WAIT + "        gl.thread_barrier()",
-                                                   "        gl.thread_barrier()", None),
-    "fence after the barrier init missing": ("    fence_async_shared()\n", "\n",
-                                             "before fence_async_shared"),
-    "prologue loads one block too few": ("    for b in gl.static_range(STAGES):\n        _load_kv(",
-                                         "    for b in gl.static_range(STAGES - 1):\n        _load_kv(",
+    "slot refilled before its P.V is waited for": (_PV_WAIT_LAST,
+                                                   "TMA copy into .* while an outstanding warpgroup_mma reads it"),
+    "fence after the barrier init missing": ([("    fence_async_shared()\n", "\n")], "before fence_async_shared"),
+    "prologue loads one block too few": ([("    for b in gl.static_range(STAGES):\n        _load_kv(",
+                                           "    for b in gl.static_range(STAGES - 1):\n        _load_kv(")],
                                          "never returns"),
-    "refill past the last key block": ("j + STAGES < NBLK)", "j + STAGES <= NBLK)",
+    "refill past the last key block": ([("j + STAGES < NBLK)", "j + STAGES <= NBLK)")],
                                        "invalidate of .* with 1 TMA copies"),
     "the last P.V used without its wait": (
-        "    pv = warpgroup_mma_wait(0, deps=[_issue_pv(p8, v_smem, v_bars, NBLK - 1, o_zero, STAGES)])",
-        "    pv = _issue_pv(p8, v_smem, v_bars, NBLK - 1, o_zero, STAGES)",
+        [("    pv = warpgroup_mma_wait(0, deps=[_issue_pv(p8, v_smem, v_bars, NBLK - 1, o_zero, STAGES)])",
+          "    pv = _issue_pv(p8, v_smem, v_bars, NBLK - 1, o_zero, STAGES)")],
         "used before a warpgroup_mma_wait completed it"),
     "the refill's thread barrier dropped, two warp groups": (
-        "        gl.thread_barrier()          # every warp past its wait before the TMA overwrites the slot its products read\n",
-        "", "before a thread_barrier"),
-    "output rows past SQ stored": ("gl.store(o, out, mask=gl.expand_dims(rows < SQ, 1))", "gl.store(o, out)",
+        [("            gl.thread_barrier()      # every warp past its wait before the TMA overwrites the slot its "
+          "products read\n", "")], "before a thread_barrier"),
+    "output rows past SQ stored": ([("gl.store(o, out, mask=gl.expand_dims(rows < SQ, 1))", "gl.store(o, out)")],
                                    "out-of-bounds access through o_ptr"),
 }
+_modules = iter(range(10 ** 6))
 
 
-def _mutant(name, tmp_path):
-    old, new, _ = MUTATIONS[name]
-    assert KERNEL_SOURCE.count(old) == 1, f"mutation {name!r} no longer applies to attention_gluon.py"
-    source = KERNEL_SOURCE.replace(old, new)
-    if name == "slot refilled before its P.V is waited for":        # the wait moves after the refill
-        assert source.count(_LOOP_ACC) == 1
-        source = source.replace(_LOOP_ACC, _LOOP_PV_WAIT + _LOOP_ACC)
-    path = tmp_path / f"mutant_{abs(hash(name))}.py"
-    path.write_text(source.replace("from .attention_triton", "from qvgen_kernels.attention_triton"))
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _load(tmp_path, gluon_edits=(), ws_edits=()):
+    """attention_gluon (and attention_gluon_ws on top of it) with their sources edited, as fresh modules."""
+    n = next(_modules)
+    gluon_source, ws_source = KERNEL_SOURCE, WS_SOURCE
+    for old, new in gluon_edits:
+        assert gluon_source.count(old) == 1, f"{old!r} is no longer in attention_gluon.py once"
+        gluon_source = gluon_source.replace(old, new)
+    for old, new in ws_edits:
+        assert ws_source.count(old) == 1, f"{old!r} is no longer in attention_gluon_ws.py once"
+        ws_source = ws_source.replace(old, new)
+    modules = []
+    for name, source in ((f"mutant_gluon_{n}", gluon_source), (f"mutant_ws_{n}", ws_source)):
+        path = tmp_path / f"{name}.py"
+        path.write_text(source.replace("from .attention_triton", "from qvgen_kernels.attention_triton")
+                        .replace("from .attention_gluon", f"from mutant_gluon_{n}"))
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        modules.append(module)
+    return modules
 
 
 @pytest.mark.parametrize("name", list(MUTATIONS))
 def test_the_emulator_catches_each_kind_of_bug(name, tmp_path):
     q, k, v, codes = _operands(1, 100, 600, 1, 128, seed=7)
-    match = MUTATIONS[name][2] or "TMA copy into .* while an outstanding warpgroup_mma reads it"
+    edits, match = MUTATIONS[name]
     block_m = 128 if "two warp groups" in name else 64
     with pytest.raises(GluonEmulationError, match=match):
-        _emulated(_mutant(name, tmp_path), codes, q, stages=2, block_m=block_m)
+        _emulated(_load(tmp_path, edits)[0], codes, q, stages=2, block_m=block_m)
 
 
 # ---------------------------------------------------------------------------------- the warp-specialized kernel
@@ -161,19 +171,24 @@ def test_warp_specialized_kernel_computes_what_the_triton_kernel_computes(B, SQ,
 # what a race between partitions shows as, depending on the interleaving: a copy over a slot a product reads, a
 # product reading a slot before its copy landed, a barrier re-armed mid-phase, or a hang
 _RACE = "while an outstanding warpgroup_mma reads it|copy into it is in flight|while another copy|re-armed|hang"
-WS_MUTATIONS = {   # the producer / consumer protocol, each rule broken: (old, new, the error)
-    "producer waits on the wrong parity": ("(blk // STAGES + 1) & 1, pred=blk >= STAGES)",
-                                           "(blk // STAGES) & 1, pred=blk >= STAGES)", _RACE),
+_ISSUE_QK = "        s_tok = _issue_qk(q_smem, k_smem, k_bars, j + 1, s_zero, STAGES)            # S_{j+1} runs ...\n"
+WS_MUTATIONS = {   # the producer / consumer protocol, each rule broken: (edits of attention_gluon.py, of
+    # attention_gluon_ws.py, the error)
+    "producer waits on the wrong parity": ([], [("(blk // STAGES + 1) & 1, pred=blk >= STAGES)",
+                                                 "(blk // STAGES) & 1, pred=blk >= STAGES)")], _RACE),
     "one consumer never releases its slots": (
-        "        mbarrier.arrive(empty_bars.index(j % STAGES))                                # ... slot j is free here",
-        "        mbarrier.arrive(empty_bars.index(j % STAGES), pred=row0 % 128 == 0)", "hang: every partition"),
-    "a slot released before its P.V is waited for": (
-        "        pv = warpgroup_mma_wait(0, deps=[pv_tok])                                    # PV_j done ...\n"
-        "        mbarrier.arrive(empty_bars.index(j % STAGES))                                # ... slot j is free here",
-        "        mbarrier.arrive(empty_bars.index(j % STAGES))\n"
-        "        pv = warpgroup_mma_wait(0, deps=[pv_tok])", "while an outstanding warpgroup_mma reads it"),
-    "the slot freed on one consumer's release": ("mbarrier.init(empty_bars.index(i), count=2)",
-                                                "mbarrier.init(empty_bars.index(i), count=1)", _RACE),
+        [("            mbarrier.arrive(empty_bars.index(j % STAGES))",
+          "            mbarrier.arrive(empty_bars.index(j % STAGES), pred=row0 % 128 == 0)")], [],
+        "hang: every partition"),
+    "a slot released before its P.V is waited for": (_PV_WAIT_LAST, [],
+                                                     "while an outstanding warpgroup_mma reads it"),
+    "the slot freed on one consumer's release": ([], [("mbarrier.init(empty_bars.index(i), count=2)",
+                                                       "mbarrier.init(empty_bars.index(i), count=1)")], _RACE),
+    "one consumer reads K without its own wait": (
+        [(_ISSUE_QK, "        if row0 % 128 == 0:\n    " + _ISSUE_QK + "        else:\n"
+          "            s_tok = warpgroup_mma(q_smem, k_smem.index((j + 1) % STAGES).permute((1, 0)), s_zero, "
+          "use_acc=False, is_async=True)\n")], [],
+        "without having waited on|copy into it is in flight|which no TMA copy has filled"),
 }
 
 
@@ -181,13 +196,8 @@ WS_MUTATIONS = {   # the producer / consumer protocol, each rule broken: (old, n
 def test_the_emulator_catches_each_broken_partition_protocol(name, tmp_path):
     """Races between partitions show under some interleavings only: each mutation must be caught under one of
     eight seeded schedules (in practice, most of them)."""
-    old, new, error = WS_MUTATIONS[name]
-    assert WS_SOURCE.count(old) == 1, f"mutation {name!r} no longer applies to attention_gluon_ws.py"
-    path = tmp_path / "attention_gluon_ws_mutant.py"
-    path.write_text(WS_SOURCE.replace(old, new).replace("from .attention_gluon", "from qvgen_kernels.attention_gluon"))
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    mutant = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mutant)
+    gluon_edits, ws_edits, error = WS_MUTATIONS[name]
+    mutant = _load(tmp_path, gluon_edits, ws_edits)[1]
     q, k, v, codes = _operands(1, 200, 700, 1, 128, seed=9)
     caught = []
     for seed in range(8):

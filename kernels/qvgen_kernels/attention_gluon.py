@@ -86,13 +86,14 @@ def _softmax(qk, qs, k_scale_ptr, bh, blk, m_i, l_i, SK: gl.constexpr, NBLK: gl.
     return gl.convert_layout(p.to(gl.float8e4nv), p_layout), alpha, m_new, l_i
 
 
-@gluon.jit(do_not_specialize=["SQ"])
-def _attention_kernel_gluon(q_desc, k_desc, v_desc, q_scale_ptr, k_scale_ptr, v_scale_ptr, o_ptr, SQ,
-                            stride_ob, stride_os, stride_oh,
-                            H: gl.constexpr, SK: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
-                            BLOCK_N: gl.constexpr, STAGES: gl.constexpr, LOG2_P: gl.constexpr,
-                            EMULATE_EXP2: gl.constexpr):
-    gl.static_assert(BLOCK_M == 64 or BLOCK_M == 128, "one or two warp groups: 64- or 128-row tiles")
+@gluon.jit
+def _attend_rows(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, empty_bars, q_scale_ptr, k_scale_ptr,
+                 v_scale_ptr, o_ptr, SQ, stride_ob, stride_os, stride_oh, bh, row0, H: gl.constexpr,
+                 SK: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                 STAGES: gl.constexpr, LOG2_P: gl.constexpr, EMULATE_EXP2: gl.constexpr, REFILL: gl.constexpr):
+    """BLOCK_M query rows from ``row0`` (their Q tile arriving on ``q_bar``) through every key block of the ring, then
+    their output. ``REFILL``: these warps refill each slot once done with it, all of them past their waits first;
+    else they arrive on the slot's ``empty_bars`` barrier for a producer warp (attention_gluon_ws)."""
     NBLK: gl.constexpr = (SK + BLOCK_N - 1) // BLOCK_N
     WARPS: gl.constexpr = BLOCK_M // 16
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
@@ -102,6 +103,57 @@ def _attention_kernel_gluon(q_desc, k_desc, v_desc, q_scale_ptr, k_scale_ptr, v_
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+
+    offs_m = row0 + gl.arange(0, BLOCK_M, layout=row_s)
+    qs = gl.load(q_scale_ptr + bh.to(gl.int64) * SQ + offs_m, mask=offs_m < SQ, other=1.0)
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_s)
+    l_i = gl.zeros([BLOCK_M], gl.float32, layout=row_s)
+    acc = gl.zeros([BLOCK_M, D], gl.float32, layout=o_layout)
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.int32, layout=s_layout)
+    o_zero = gl.zeros([BLOCK_M, D], gl.float32, layout=o_layout)
+
+    mbarrier.wait(q_bar, 0)
+    qk = warpgroup_mma_wait(0, deps=[_issue_qk(q_smem, k_smem, k_bars, 0, s_zero, STAGES)])
+    for j in range(0, NBLK - 1):
+        s_tok = _issue_qk(q_smem, k_smem, k_bars, j + 1, s_zero, STAGES)            # S_{j+1} runs ...
+        p8, alpha, m_i, l_i = _softmax(qk, qs, k_scale_ptr, bh, j, m_i, l_i, SK, NBLK, BLOCK_M, BLOCK_N, LOG2_P,
+                                       False, EMULATE_EXP2, s_layout, p_layout)       # ... under block j's softmax
+        pv_tok = _issue_pv(p8, v_smem, v_bars, j, o_zero, STAGES)
+        qk = warpgroup_mma_wait(1, deps=[s_tok])                                     # S_{j+1} done
+        pv = warpgroup_mma_wait(0, deps=[pv_tok])                                    # PV_j done: slot j is free
+        if REFILL:
+            gl.thread_barrier()      # every warp past its wait before the TMA overwrites the slot its products read
+            _load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, bh, j + STAGES, SK, D, BLOCK_N, STAGES,
+                     j + STAGES < NBLK)
+        else:
+            mbarrier.arrive(empty_bars.index(j % STAGES))     # Gluon puts a barrier of these warps before it
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1) + pv
+    p8, alpha, m_i, l_i = _softmax(qk, qs, k_scale_ptr, bh, NBLK - 1, m_i, l_i, SK, NBLK, BLOCK_M, BLOCK_N, LOG2_P,
+                                   SK % BLOCK_N != 0, EMULATE_EXP2, s_layout, p_layout)
+    pv = warpgroup_mma_wait(0, deps=[_issue_pv(p8, v_smem, v_bars, NBLK - 1, o_zero, STAGES)])
+    acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1) + pv
+
+    out_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 * 8 // D, D // 8],
+                                                warps_per_cta=[WARPS, 1], order=[1, 0])
+    vs = gl.load(v_scale_ptr + bh * D + gl.arange(0, D, layout=gl.SliceLayout(0, o_layout)))
+    out = acc * gl.expand_dims(vs, 0) / gl.expand_dims(gl.convert_layout(l_i, row_o), 1)
+    out = gl.convert_layout(out.to(o_ptr.dtype.element_ty), out_layout)
+    rows = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, out_layout))
+    cols = gl.arange(0, D, layout=gl.SliceLayout(0, out_layout))
+    o = (o_ptr + (bh // H).to(gl.int64) * stride_ob + gl.expand_dims(rows.to(gl.int64) * stride_os, 1)
+         + (bh % H) * stride_oh + gl.expand_dims(cols, 0))
+    gl.store(o, out, mask=gl.expand_dims(rows < SQ, 1))
+
+
+@gluon.jit(do_not_specialize=["SQ"])
+def _attention_kernel_gluon(q_desc, k_desc, v_desc, q_scale_ptr, k_scale_ptr, v_scale_ptr, o_ptr, SQ,
+                            stride_ob, stride_os, stride_oh,
+                            H: gl.constexpr, SK: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
+                            BLOCK_N: gl.constexpr, STAGES: gl.constexpr, LOG2_P: gl.constexpr,
+                            EMULATE_EXP2: gl.constexpr):
+    gl.static_assert(BLOCK_M == 64 or BLOCK_M == 128, "one or two warp groups: 64- or 128-row tiles")
+    gl.static_assert(STAGES >= 2, "a ring of at least two K / V slots")
+    NBLK: gl.constexpr = (SK + BLOCK_N - 1) // BLOCK_N
     pid_m = gl.program_id(0)
     bh = gl.program_id(1)
 
@@ -121,48 +173,14 @@ def _attention_kernel_gluon(q_desc, k_desc, v_desc, q_scale_ptr, k_scale_ptr, v_
     tma.async_copy_global_to_shared(q_desc, [bh * SQ + pid_m * BLOCK_M, 0], q_bar, q_smem)
     for b in gl.static_range(STAGES):
         _load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, bh, b, SK, D, BLOCK_N, STAGES, b < NBLK)
-
-    offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=row_s)
-    qs = gl.load(q_scale_ptr + bh.to(gl.int64) * SQ + offs_m, mask=offs_m < SQ, other=1.0)
-    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_s)
-    l_i = gl.zeros([BLOCK_M], gl.float32, layout=row_s)
-    acc = gl.zeros([BLOCK_M, D], gl.float32, layout=o_layout)
-    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.int32, layout=s_layout)
-    o_zero = gl.zeros([BLOCK_M, D], gl.float32, layout=o_layout)
-
-    mbarrier.wait(q_bar, 0)
-    qk = warpgroup_mma_wait(0, deps=[_issue_qk(q_smem, k_smem, k_bars, 0, s_zero, STAGES)])
-    for j in range(0, NBLK - 1):
-        s_tok = _issue_qk(q_smem, k_smem, k_bars, j + 1, s_zero, STAGES)            # S_{j+1} runs ...
-        p8, alpha, m_i, l_i = _softmax(qk, qs, k_scale_ptr, bh, j, m_i, l_i, SK, NBLK, BLOCK_M, BLOCK_N, LOG2_P,
-                                       False, EMULATE_EXP2, s_layout, p_layout)       # ... under block j's softmax
-        pv_tok = _issue_pv(p8, v_smem, v_bars, j, o_zero, STAGES)
-        qk = warpgroup_mma_wait(1, deps=[s_tok])                                     # S_{j+1} done
-        pv = warpgroup_mma_wait(0, deps=[pv_tok])                                    # PV_j done: slot j is free
-        gl.thread_barrier()          # every warp past its wait before the TMA overwrites the slot its products read
-        _load_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, bh, j + STAGES, SK, D, BLOCK_N, STAGES,
-                 j + STAGES < NBLK)
-        acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1) + pv
-    p8, alpha, m_i, l_i = _softmax(qk, qs, k_scale_ptr, bh, NBLK - 1, m_i, l_i, SK, NBLK, BLOCK_M, BLOCK_N, LOG2_P,
-                                   SK % BLOCK_N != 0, EMULATE_EXP2, s_layout, p_layout)
-    pv = warpgroup_mma_wait(0, deps=[_issue_pv(p8, v_smem, v_bars, NBLK - 1, o_zero, STAGES)])
-    acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1) + pv
+    _attend_rows(q_smem, q_bar, k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, k_bars, q_scale_ptr, k_scale_ptr,
+                 v_scale_ptr, o_ptr, SQ, stride_ob, stride_os, stride_oh, bh, pid_m * BLOCK_M, H, SK, D, BLOCK_M,
+                 BLOCK_N, STAGES, LOG2_P, EMULATE_EXP2, True)
 
     mbarrier.invalidate(q_bar)
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(k_bars.index(s))
         mbarrier.invalidate(v_bars.index(s))
-
-    out_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 * 8 // D, D // 8],
-                                                warps_per_cta=[WARPS, 1], order=[1, 0])
-    vs = gl.load(v_scale_ptr + bh * D + gl.arange(0, D, layout=gl.SliceLayout(0, o_layout)))
-    out = acc * gl.expand_dims(vs, 0) / gl.expand_dims(gl.convert_layout(l_i, row_o), 1)
-    out = gl.convert_layout(out.to(o_ptr.dtype.element_ty), out_layout)
-    rows = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, out_layout))
-    cols = gl.arange(0, D, layout=gl.SliceLayout(0, out_layout))
-    o = (o_ptr + (bh // H).to(gl.int64) * stride_ob + gl.expand_dims(rows.to(gl.int64) * stride_os, 1)
-         + (bh % H) * stride_oh + gl.expand_dims(cols, 0))
-    gl.store(o, out, mask=gl.expand_dims(rows < SQ, 1))
 
 
 @lru_cache(maxsize=None)
