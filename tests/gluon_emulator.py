@@ -18,12 +18,14 @@ emulations, one program of the grid after another, and models what the hardware 
   be reading it (the program runs as one thread of control, so this is checked as an ordering rule).
 - Pointer loads and stores check every unmasked address against the extent of the tensor they point into.
 - ``gl.warp_specialize`` runs its partitions as threads, one at a time: a partition runs until it waits on an
-  mbarrier phase that has not completed, or reaches a synchronisation point (a barrier operation, a TMA copy, a
-  product wait), where a seeded random choice picks who runs next; each partition has its own products in flight.
+  mbarrier phase that has not completed, or reaches a synchronisation point (a barrier operation, a TMA copy, the
+  issue of or a wait for a product), where a seeded random choice picks who runs next (and who runs first); each
+  partition has its own products in flight.
   When every partition waits on a phase that cannot complete, that is the GPU's hang, and it raises. Different
   ``seed``s explore different interleavings.
 
-What it does not model: warps running apart other than the rule above, layouts, the shared-memory layouts of TMA
+What it does not model: warps running apart other than the rules above, which partition's
+``fence_async_shared`` made an ``mbarrier.init`` visible (any does here), layouts, the shared-memory layouts of TMA
 descriptors and register limits (the compiler's; benchmarks/runtime/sm90_report.py reads those), and timing.
 Arithmetic is torch's on the CPU in the kernel's dtypes: integer results are exact as on the GPU; float ones
 differ by rounding (no fused multiply-adds here), and fp8 products are summed exactly, where Hopper's fp8 tensor
@@ -279,6 +281,7 @@ class Program:
     def warpgroup_mma(self, a, b, acc, *, use_acc=True, precision=None, max_num_imprecise_acc=None,
                       is_async=False):
         a, b = (SharedView(x, None, None) if isinstance(x, SharedMemory) else x for x in (a, b))
+        self.sync_point()
         for x in (a, b):
             if isinstance(x, SharedView):
                 x.check_readable("warpgroup_mma", self.state)

@@ -36,7 +36,7 @@ class _Scheduler:
     def run(self, bodies) -> None:
         self.waiting = {i: None for i in range(len(bodies))}
         threads = [threading.Thread(target=self._thread, args=(i, body), daemon=True) for i, body in enumerate(bodies)]
-        self.turn = 0
+        self.turn = self.rng.randrange(len(bodies))
         for t in threads:
             t.start()
         for t in threads:

@@ -65,11 +65,13 @@ class AttentionConfig:
     kernel: str = "triton"
 
     @classmethod
-    def gluon(cls, num_stages: int = 2, block_m: int = 64, emulate_exp2: bool = False,
+    def gluon(cls, num_stages: int = 2, block_m: Optional[int] = None, emulate_exp2: bool = False,
               warp_specialize: bool = False) -> "AttentionConfig":
-        """The Gluon kernel's config: 64 or 128 query rows (one or two warp groups) against 128-key blocks, and a
-        ring of ``num_stages`` K / V slots. 128 rows halve the K / V traffic from L2 (benchmarks/runtime/RESULTS.md).
-        ``warp_specialize`` (128 rows): attention_gluon_ws, each 64-row group a partition and a producer warp."""
+        """The Gluon kernel's config: 64 or 128 query rows (one or two warp groups; default 64, 128 when warp
+        specialized) against 128-key blocks, and a ring of ``num_stages`` K / V slots. 128 rows halve the K / V
+        traffic from L2 (benchmarks/runtime/RESULTS.md). ``warp_specialize``: attention_gluon_ws, each 64-row group
+        a partition and a producer warp (``num_warps`` counts the consumers' 8; the launch adds the producer's)."""
+        block_m = block_m or (128 if warp_specialize else 64)
         return cls(block_m=block_m, block_n=128, num_warps=block_m // 16, num_stages=num_stages,
                    emulate_exp2=emulate_exp2, warp_specialize=warp_specialize, kernel="gluon")
 
