@@ -82,7 +82,8 @@ def test_emulated_exp2_in_the_gluon_kernel_is_the_triton_kernels(SK, block_m):
 
 # Each a bug the emulator must catch: what the mutation does -> ([(old text, new text), ...], the error it raises).
 KERNEL_SOURCE = Path(attention_gluon.__file__).read_text()
-_PV_WAIT = "        pv = warpgroup_mma_wait(0, deps=[pv_tok])                                    # PV_j done: slot j is free\n"
+_PV_WAIT = ("        pv = warpgroup_mma_wait(0, deps=[pv_tok])                                    "
+            "# PV_j done: slot j is free\n")
 _LOOP_ACC = "        acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1) + pv\n    p8, alpha"
 _PV_WAIT_LAST = [(_PV_WAIT, ""), (_LOOP_ACC, _PV_WAIT + _LOOP_ACC)]     # the loop's P.V wait after the slot's release
 MUTATIONS = {
