@@ -190,6 +190,8 @@ class Program:
             expand_dims=lambda x, axis: _reg(_plain(x).unsqueeze(axis)),
             split=lambda x: tuple(_reg(t) for t in _plain(x).unbind(-1)),
             join=lambda a, b: _reg(torch.stack([_plain(a), _plain(b)], -1)),
+            reshape=lambda x, shape, **kw: _reg(_plain(x).reshape(list(shape))),
+            permute=lambda x, dims: _reg(_plain(x).permute(tuple(dims))),
             math=_Namespace("math", exp2=lambda x: _reg(torch.exp2(_plain(x)))),
             convert_layout=lambda x, layout, **kw: x, thread_barrier=self.thread_barrier,
             warp_specialize=self.warp_specialize,

@@ -78,13 +78,17 @@ def test_gluon_gemm_equals_the_triton_gemm(M, N, K, stages, epilogue):
         assert_rel_close(got, dequant_matmul_float64(act, weight, bias).cpu(), rel=8e-3, what="vs float64")
 
 
-def test_two_warp_groups_and_wide_tiles():
-    """8 warps (two warp groups of m64 rows) and a 128-wide tile: the layouts only matter on the GPU, but the
-    ring, the tile order and the masks are the same code."""
+@pytest.mark.parametrize("block_n, epilogue", [(128, None), (256, "residual"), (256, "gelu_tanh")])
+def test_two_warp_groups_and_wide_tiles(block_n, epilogue):
+    """8 warps (two warp groups of m64 rows), 128- and 256-wide tiles (the latter's epilogue a half of the columns
+    at a time): the layouts only matter on the GPU, but the ring, the tile order, the halves and the masks are the
+    same code."""
     act, weight, bias = _problem(200, 300, 160, 3, seed=3)
-    config = GemmConfig(block_m=128, block_n=128, block_k=32, group_m=2, num_warps=8, num_stages=3, variant="tma")
-    ref = quant_matmul_triton(act, weight, unpack_weight(weight), bias, torch.bfloat16, config)
-    got = _emulated(act, weight, bias, replace(config, variant="gluon"), None)
+    epi = _epilogue(epilogue, 200, 300)
+    config = GemmConfig(block_m=128, block_n=block_n, block_k=32, group_m=2, num_warps=8, num_stages=3,
+                        variant="tma")
+    ref = quant_matmul_triton(act, weight, unpack_weight(weight), bias, torch.bfloat16, config, epilogue=epi)
+    got = _emulated(act, weight, bias, replace(config, variant="gluon"), epi)
     assert torch.equal(got, ref.cpu())
 
 
