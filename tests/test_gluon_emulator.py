@@ -19,9 +19,8 @@ def _desc(t, block):
 
 
 @gluon.jit
-def _copy_and_product(a_desc, b_desc, out_ptr, row, PARITY: gl.constexpr, WAIT: gl.constexpr):
-    """One TMA copy of an A and a B tile, then A @ Bᵀ stored as int32 [64, 64]."""
-    layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 32])
+def _start_copies(a_desc, b_desc, row):
+    """Shared memory for an A and a B tile, and their TMA copies started on one barrier."""
     a_smem = gl.allocate_shared_memory(a_desc.dtype, a_desc.block_type.shape, a_desc.layout)
     b_smem = gl.allocate_shared_memory(b_desc.dtype, b_desc.block_type.shape, b_desc.layout)
     bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -30,6 +29,14 @@ def _copy_and_product(a_desc, b_desc, out_ptr, row, PARITY: gl.constexpr, WAIT: 
     mbarrier.expect(bar, a_desc.block_type.nbytes + b_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(a_desc, [row, 0], bar, a_smem)
     tma.async_copy_global_to_shared(b_desc, [0, 0], bar, b_smem)
+    return a_smem, b_smem, bar
+
+
+@gluon.jit
+def _copy_and_product(a_desc, b_desc, out_ptr, row, PARITY: gl.constexpr, WAIT: gl.constexpr):
+    """One TMA copy of an A and a B tile, then A @ Bᵀ stored as int32 [64, 64]."""
+    layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 32])
+    a_smem, b_smem, bar = _start_copies(a_desc, b_desc, row)
     mbarrier.wait(bar, PARITY, pred=WAIT)
     acc = warpgroup_mma(a_smem, b_smem.permute((1, 0)), gl.zeros([64, 64], gl.int32, layout=layout),
                         is_async=True)
@@ -70,14 +77,7 @@ def test_waiting_for_parity_one_on_a_fresh_barrier_does_not_wait():
 def _two_products(a_desc, b_desc, out_ptr, WAIT_FOR: gl.constexpr):
     """Two async products; ``warpgroup_mma_wait(WAIT_FOR)`` then the first one's result is used."""
     layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 32])
-    a_smem = gl.allocate_shared_memory(a_desc.dtype, a_desc.block_type.shape, a_desc.layout)
-    b_smem = gl.allocate_shared_memory(b_desc.dtype, b_desc.block_type.shape, b_desc.layout)
-    bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    mbarrier.init(bar, count=1)
-    fence_async_shared()
-    mbarrier.expect(bar, a_desc.block_type.nbytes + b_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(a_desc, [0, 0], bar, a_smem)
-    tma.async_copy_global_to_shared(b_desc, [0, 0], bar, b_smem)
+    a_smem, b_smem, bar = _start_copies(a_desc, b_desc, 0)
     mbarrier.wait(bar, 0)
     zero = gl.zeros([64, 64], gl.int32, layout=layout)
     first = warpgroup_mma(a_smem, b_smem.permute((1, 0)), zero, is_async=True)
