@@ -43,8 +43,6 @@ def _gemm_gluon_kernel(a_desc, b_desc, c_ptr, a_scale_ptr, a_zero_ptr, a_rowsum_
     INSTR_N: gl.constexpr = BLOCK_N if BLOCK_N <= 128 else 128      # int8 wgmma: n <= 128 here, as Triton picks
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                          instr_shape=[16, INSTR_N, 32])
-    half_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
-                                                          instr_shape=[16, INSTR_N, 32])
     pid_m, pid_n = _tile_coords(gl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     off_m = pid_m * BLOCK_M
     off_n = pid_n * BLOCK_N
@@ -71,13 +69,12 @@ def _gemm_gluon_kernel(a_desc, b_desc, c_ptr, a_scale_ptr, a_zero_ptr, a_rowsum_
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(i))
 
-    offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_layout))
+    rows = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_layout))
     if BLOCK_N > INSTR_N:        # the epilogue a half of the columns at a time: half its registers live at once
         lo, hi = gl.split(gl.permute(gl.reshape(acc, [BLOCK_M, 2, BLOCK_N // 2]), (0, 2, 1)))
-        lo = gl.convert_layout(lo, half_layout)
-        hi = gl.convert_layout(hi, half_layout)
-        cols = gl.arange(0, BLOCK_N // 2, layout=gl.SliceLayout(0, half_layout))
-        rows = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, half_layout))
+        lo = gl.convert_layout(lo, acc_layout)      # a [BLOCK_M, 128] half in the MMA layout: no data moves
+        hi = gl.convert_layout(hi, acc_layout)
+        cols = gl.arange(0, BLOCK_N // 2, layout=gl.SliceLayout(0, acc_layout))
         _epilogue(lo, rows, off_n + cols, M, N, c_ptr, stride_cm, a_scale_ptr, a_zero_ptr, a_rowsum_ptr,
                   w_scale_ptr, w_zero_ptr, w_colsum_ptr, bias_ptr, res_ptr, gate_ptr, stride_rm, rows_per_sample, K,
                   HAS_BIAS, EPILOGUE, HAS_GATE, LIBDEVICE)
@@ -85,7 +82,7 @@ def _gemm_gluon_kernel(a_desc, b_desc, c_ptr, a_scale_ptr, a_zero_ptr, a_rowsum_
                   a_rowsum_ptr, w_scale_ptr, w_zero_ptr, w_colsum_ptr, bias_ptr, res_ptr, gate_ptr, stride_rm,
                   rows_per_sample, K, HAS_BIAS, EPILOGUE, HAS_GATE, LIBDEVICE)
     else:
-        _epilogue(acc, offs_m, off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc_layout)), M, N, c_ptr,
+        _epilogue(acc, rows, off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc_layout)), M, N, c_ptr,
                   stride_cm, a_scale_ptr, a_zero_ptr, a_rowsum_ptr, w_scale_ptr, w_zero_ptr, w_colsum_ptr, bias_ptr,
                   res_ptr, gate_ptr, stride_rm, rows_per_sample, K, HAS_BIAS, EPILOGUE, HAS_GATE, LIBDEVICE)
 
