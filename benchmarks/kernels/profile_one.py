@@ -4,7 +4,6 @@
         --M 32760 --K 5120 --N 5120 --variant ptr
 """
 import argparse
-import dataclasses
 
 import torch
 
@@ -25,7 +24,7 @@ def main():
     groups = torch.zeros(1, dtype=torch.long, device="cuda")
     act = quantize_per_token_triton(x, groups, a.M, module.act_clip_lower, module.act_clip_upper, 0.95, 4)
     w8 = unpack_weight(weight)
-    cfg = dataclasses.replace(default_config(a.M, a.N, a.K), variant=a.variant)
+    cfg = default_config(a.M, a.N, a.K, a.variant)
     quant_matmul_triton(act, weight, w8, bias, torch.bfloat16, cfg)
     torch.cuda.synchronize()
 

@@ -18,6 +18,7 @@ from bench_wan import DEVICE, build, sync
 
 from qvgen_kernels.cogvideox_model import CogVideoXRuntimeTransformer, cogvideox_config, rotary_positions
 from qvgen_kernels.wan_model import WanRuntimeTransformer
+from qvgen_kernels.triton_env import gluon_runs_on
 
 COLUMNS = ("diffusers_bf16", "diffusers_compile", "diffusers_fp8", "ours_bf16_attn", "ours_int8_attn",
            "ours_int8_attn_graph")
@@ -61,7 +62,7 @@ def unavailable(column: str) -> Optional[str]:
     if DEVICE != "cuda" and column in ("diffusers_compile", "diffusers_fp8", "ours_int8_attn_graph",
                                        "diffusers_sageattn_sdpa") + GLUON_COLUMNS:
         return "needs a GPU"
-    if column in GLUON_COLUMNS and torch.cuda.get_device_capability() != (9, 0):
+    if column in GLUON_COLUMNS and not gluon_runs_on(torch.empty(0, device=DEVICE)):
         return "the Gluon kernels are written for Hopper (sm_90)"
     return None
 

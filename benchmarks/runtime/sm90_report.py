@@ -23,7 +23,7 @@ import re
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -113,11 +113,9 @@ def compile_gemm(M: int, N: int, K: int, epilogue: Optional[str] = None, fp8: bo
                  config=None):
     """The runtime's W4A4 GEMM with its default tiles (or ``config``'s) for an M x K by K x N product, compiled for
     sm_90a; ``gluon``: the same tiles through qgemm_gluon's K loop (int8 only)."""
-    cfg = config or gemm_default_config(M, N, K)
+    cfg = config or gemm_default_config(M, N, K, "gluon" if gluon else None)
     if cfg.variant not in ("tma", "tma_persistent", "gluon"):
         raise ValueError(f"sm90_report reads the TMA GEMM variants only, the default here is {cfg.variant!r}")
-    if gluon:
-        cfg = replace(cfg, variant="gluon")
     gluon = cfg.variant == "gluon"
     if gluon and fp8:
         raise ValueError("the Gluon GEMM takes int8 codes")

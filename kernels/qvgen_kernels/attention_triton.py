@@ -33,7 +33,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .act_quant_triton import cast_rn, round_half_even
-from .triton_env import interpreter_requested
+from .triton_env import gluon_runs_on, interpreter_requested
 from .attention import HEAD_DIMS, LOG2_P_SCALE, LOG2E, P_SCALE, PV_DTYPES, V_SCALE_FLOOR, QKPrep
 
 _NORM_CODES = {"none": 0, "rms_row": 1, "layer_head": 2}
@@ -495,8 +495,7 @@ def attention_from_codes(qkv: QuantizedQKV, out: torch.Tensor,
     if SQ == 0:
         return out
     if cfg.kernel == "gluon":
-        if (interpreter_requested() or not qkv.q_codes.is_cuda
-                or torch.cuda.get_device_capability(qkv.q_codes.device) != (9, 0)):
+        if not gluon_runs_on(qkv.q_codes):
             raise ValueError("AttentionConfig(kernel='gluon') runs on a Hopper GPU (sm_90) only: it is written for "
                              "Hopper's wgmma and has no interpreter; use kernel='triton' here")
         from .attention_gluon import attention_from_codes_gluon

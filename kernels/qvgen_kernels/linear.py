@@ -13,7 +13,6 @@ Weight residency (``weight_residency``):
 """
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -186,10 +185,8 @@ class QuantizedLinear(nn.Module):
         fused = epilogue if self.aux_left is None and use_triton else None
         if use_triton:
             from .qgemm_triton import default_config, quant_matmul_triton
-            config = None
-            if self.gemm_variant is not None:
-                config = replace(default_config(act.codes.shape[0], self.out_features, self.in_features),
-                                 variant=self.gemm_variant)
+            config = None if self.gemm_variant is None else default_config(
+                act.codes.shape[0], self.out_features, self.in_features, self.gemm_variant)
             y = quant_matmul_triton(act, self.packed_weight(), self._weight_operand(act.codes.device), self.bias,
                                     out_dtype, config, epilogue=fused)
         else:

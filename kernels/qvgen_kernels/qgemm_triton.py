@@ -20,7 +20,8 @@ specialized on, so a new sequence length compiles nothing.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import lru_cache
 from typing import Optional
 
 import torch
@@ -32,7 +33,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from .act_quant import QuantizedActivations
 from .act_quant_triton import cast_rn
 from .qgemm import EPILOGUES, Epilogue, PackedWeight
-from .triton_env import interpreter_requested
+from .triton_env import gluon_runs_on, interpreter_requested
 
 VARIANTS = ("ptr", "tma", "tma_persistent", "gluon")
 
@@ -65,14 +66,18 @@ class GemmConfig:
                 raise ValueError(f"GemmConfig.{name} must be a power of two >= 16, got {v}")
 
 
-def default_config(M: int, N: int, K: int) -> GemmConfig:
+@lru_cache(maxsize=None)
+def default_config(M: int, N: int, K: int, variant: Optional[str] = None) -> GemmConfig:
     """Tile shape and variant by problem size (H100 sweep, benchmarks/kernels/RESULTS.md): 128 x 256 x 128
-    tiles, 4 stages, one persistent program per SM; 256 x 128 when N is small (1536 / 1920)."""
+    tiles, 4 stages, one persistent program per SM; 256 x 128 when N is small (1536 / 1920). ``variant``: these
+    tiles through another kernel (``RuntimeTransformer.set_gemm``). Cached: linears ask at every call."""
     if M <= 64:
-        return GemmConfig(block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=4, variant="tma")
-    if N <= 2048:
-        return GemmConfig(block_m=256, block_n=128, block_k=128, num_warps=8, num_stages=4, variant="tma")
-    return GemmConfig(block_m=128, block_n=256, block_k=128, num_warps=8, num_stages=4, variant="tma_persistent")
+        cfg = GemmConfig(block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=4, variant="tma")
+    elif N <= 2048:
+        cfg = GemmConfig(block_m=256, block_n=128, block_k=128, num_warps=8, num_stages=4, variant="tma")
+    else:
+        cfg = GemmConfig(block_m=128, block_n=256, block_k=128, num_warps=8, num_stages=4, variant="tma_persistent")
+    return cfg if variant is None else replace(cfg, variant=variant)
 
 
 # ------------------------------------------------------------------------------------------ epilogue
@@ -291,7 +296,10 @@ class GemmCall:
     epilogue_args: tuple
     meta: dict
     config: GemmConfig
-    fp8: bool
+
+    @property
+    def fp8(self) -> bool:
+        return self.a.dtype == torch.float8_e4m3fn
 
 
 def prepare_gemm(act: QuantizedActivations, weight: PackedWeight, weight_codes: Optional[torch.Tensor] = None,
@@ -335,7 +343,7 @@ def prepare_gemm(act: QuantizedActivations, weight: PackedWeight, weight_codes: 
                 FP8_PROMOTE_EVERY=fp8_promote_every,
                 BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
                 num_warps=config.num_warps, num_stages=config.num_stages)
-    return GemmCall(a, b, out, epi, meta, config, fp8)
+    return GemmCall(a, b, out, epi, meta, config)
 
 
 def quant_matmul_triton(act: QuantizedActivations, weight: PackedWeight, weight_codes: Optional[torch.Tensor] = None,
@@ -363,7 +371,7 @@ def quant_matmul_triton(act: QuantizedActivations, weight: PackedWeight, weight_
                                    PACKED_B=config.packed_b, **meta)
         return out
     if config.variant == "gluon":
-        if fp8 or interpreter_requested() or not a.is_cuda or torch.cuda.get_device_capability(a.device) != (9, 0):
+        if fp8 or not gluon_runs_on(a):
             raise ValueError("GemmConfig(variant='gluon') runs int8 codes on a Hopper GPU (sm_90) only: it is written "
                              "for Hopper's wgmma and has no interpreter; use variant='tma' here")
         from .qgemm_gluon import launch

@@ -22,5 +22,11 @@ def interpreter_active() -> bool:
     return isinstance(tl.standard.max, InterpretedFunction)
 
 
+def gluon_runs_on(t) -> bool:
+    """Whether the Gluon kernels (written for Hopper's wgmma; Gluon has no interpreter) can run on ``t``'s device."""
+    import torch
+    return not interpreter_requested() and t.is_cuda and torch.cuda.get_device_capability(t.device) == (9, 0)
+
+
 INTERPRETER_HINT = ("set TRITON_INTERPRET=1 before triton is first imported (tests/conftest.py imports "
                     "megatron.core, which imports triton)")
