@@ -73,16 +73,24 @@ def _compile(kernel, types: Dict[str, str], constants: Dict, aligned, options: D
     return triton.compile(src, target=HOPPER, options=options)
 
 
+def _desc(el: str, block, layout=None) -> str:
+    """A tensor-descriptor argument's type; a Gluon kernel's descriptors carry their shared-memory layout."""
+    return f"tensordesc<{el}[{block[0]}, {block[1]}]" + ("" if layout is None else f",{layout!r}") + ">"
+
+
+# the attention kernels' arguments other than their descriptors
+_ATTENTION_ARGS = {"q_scale_ptr": "*fp32", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32", "o_ptr": "*bf16",
+                   "SQ": "i32", "stride_ob": "i32", "stride_os": "i32", "stride_oh": "i32"}
+
+
 def compile_attention(cfg: AttentionConfig, head_dim: int, kv_tokens: int, heads: int = 12):
     """The attention kernel as launched with ``cfg`` on [B, S, heads, head_dim] operands, compiled for sm_90a."""
     if cfg.kernel == "gluon":
         return compile_attention_gluon(cfg, head_dim, kv_tokens, heads)
     bm, bn, d = cfg.block_m, cfg.block_n, head_dim
     pv = "fp8e4nv" if cfg.pv == "fp8" else "fp16"
-    types = {"q_desc": f"tensordesc<i8[{bm}, {d}]>", "k_desc": f"tensordesc<i8[{bn}, {d}]>",
-             "v_desc": f"tensordesc<{pv}[{d}, {bn}]>", "q_scale_ptr": "*fp32", "k_scale_ptr": "*fp32",
-             "v_scale_ptr": "*fp32", "o_ptr": "*bf16", "SQ": "i32", "stride_ob": "i32", "stride_os": "i32",
-             "stride_oh": "i32"}
+    types = {"q_desc": _desc("i8", [bm, d]), "k_desc": _desc("i8", [bn, d]), "v_desc": _desc(pv, [d, bn]),
+             **_ATTENTION_ARGS}
     constants = dict(H=heads, SK=kv_tokens, D=d, BLOCK_M=bm, BLOCK_N=bn, PV_FP8=cfg.pv == "fp8",
                      LOG2_P=LOG2_P_SCALE, EXACT_FP8=False, WARP_SPECIALIZE=cfg.warp_specialize,
                      EMULATE_EXP2=cfg.emulate_exp2)
@@ -97,11 +105,8 @@ def compile_attention_gluon(cfg: AttentionConfig, head_dim: int, kv_tokens: int,
     d = head_dim
     q_rows = 64 if cfg.warp_specialize else cfg.block_m       # each consumer warp group loads its own Q rows
     layouts = descriptor_layouts(d, q_rows)
-    desc = lambda el, block, layout: f"tensordesc<{el}[{block[0]}, {block[1]}],{layout!r}>"  # noqa: E731
-    types = {"q_desc": desc("i8", [q_rows, d], layouts[0]), "k_desc": desc("i8", [cfg.block_n, d], layouts[1]),
-             "v_desc": desc("fp8e4nv", [d, cfg.block_n], layouts[2]), "q_scale_ptr": "*fp32",
-             "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32", "o_ptr": "*bf16", "SQ": "i32", "stride_ob": "i32",
-             "stride_os": "i32", "stride_oh": "i32"}
+    types = {"q_desc": _desc("i8", [q_rows, d], layouts[0]), "k_desc": _desc("i8", [cfg.block_n, d], layouts[1]),
+             "v_desc": _desc("fp8e4nv", [d, cfg.block_n], layouts[2]), **_ATTENTION_ARGS}
     constants = dict(H=heads, SK=kv_tokens, D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, STAGES=cfg.num_stages,
                      LOG2_P=LOG2_P_SCALE, EMULATE_EXP2=cfg.emulate_exp2)
     kernel = _attention_kernel_gluon_ws if cfg.warp_specialize else _attention_kernel_gluon
@@ -122,10 +127,9 @@ def compile_gemm(M: int, N: int, K: int, epilogue: Optional[str] = None, fp8: bo
     kernel = {"tma_persistent": _gemm_tma_persistent_kernel, "tma": _gemm_tma_kernel,
               "gluon": _gemm_gluon_kernel}[cfg.variant]
     el = "fp8e4nv" if fp8 else "i8"
-    layouts = gemm_tile_layouts(cfg.block_m, cfg.block_n, cfg.block_k) if gluon else ("", "")
-    layout = [f",{lay!r}" if gluon else "" for lay in layouts]
-    types = {"a_desc": f"tensordesc<{el}[{cfg.block_m}, {cfg.block_k}]{layout[0]}>",
-             "b_desc": f"tensordesc<{el}[{cfg.block_n}, {cfg.block_k}]{layout[1]}>", "c_ptr": "*bf16",
+    layouts = gemm_tile_layouts(cfg.block_m, cfg.block_n, cfg.block_k) if gluon else (None, None)
+    types = {"a_desc": _desc(el, [cfg.block_m, cfg.block_k], layouts[0]),
+             "b_desc": _desc(el, [cfg.block_n, cfg.block_k], layouts[1]), "c_ptr": "*bf16",
              "a_scale_ptr": "*fp32", "a_zero_ptr": "*fp32", "a_rowsum_ptr": "*i32", "w_scale_ptr": "*fp32",
              "w_zero_ptr": "*fp32", "w_colsum_ptr": "*i32", "bias_ptr": "*bf16", "res_ptr": "*bf16",
              "gate_ptr": "*fp32", "stride_rm": "i32", "rows_per_sample": "i32", "M": "i32", "N": "i32",
