@@ -12,9 +12,10 @@ over seeds) and the plots (plots.py).
 
 A run whose JSON is already there is not repeated (an interrupted study resumes). ``--deadline-s S`` fits the
 study into time-limited calls (the lent GPU runs a command for at most 10 minutes): no run starts that would
-not end before S seconds (judged by the runs finished so far), runs still going at S are stopped (and redone next
-time), the results of what is done are written, and the exit status is 3 while runs remain: the same command
-again continues.
+not end before S seconds (judged by the runs finished so far), runs still training at S are stopped after a
+checkpoint (``<out>/resume/<run>``, with the curves recorded so far) and continue from it next time, the results
+of what is done are written, and the exit status is 3 while runs remain: the same command again continues.
+A checkpoint is only written at such a stop; one left behind is scratch that the next call reads.
 """
 import argparse
 import json
@@ -27,6 +28,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 METHODS = ("ptq", "lsq", "qvgen_keep_aux", "qvgen", "decay_all")
+STOP_GRACE_S = 45.0   # for all the runs stopped at the deadline to save; gpu_study.sh keeps 60 s after it
 
 
 def parse_args(argv=None):
@@ -66,6 +68,8 @@ def run_all(args, rest):
                        "--recipe", args.recipe, "--method", method, "--bits", bits, "--seed", str(seed),
                        "--json", str(path), "--samples", str(args.samples), "--sampling-steps",
                        str(args.sampling_steps), "--data.shards", args.data, *rest]
+                if method != "ptq":   # trains: a stop at the deadline saves it, and the next call continues
+                    cmd += ["--resume-dir", str(out / "resume" / path.stem)]
                 if args.steps:
                     cmd += ["--train.steps", str(args.steps)]
                 queue.append((path, cmd))
@@ -108,11 +112,13 @@ def run_queue(queue, jobs: int, deadline=None):
                 failed.append(path.name)
             print(f"[{time.perf_counter() - start:7.0f} s] {path.stem}: {status}", flush=True)
         if deadline is not None and time.perf_counter() - start >= deadline:
-            queue[:0] = [(path, None) for path, *_ in running]      # redone by the next call, in order
+            queue[:0] = [(path, None) for path, *_ in running]      # continued by the next call, in order
+            for _, proc, _, _ in running:
+                proc.terminate()       # the trainer's SIGTERM handling saves at the end of its step, then stops
+            stop_by = time.perf_counter() + STOP_GRACE_S
             for path, proc, log, _ in running:
-                proc.terminate()       # the trainer's SIGTERM handling stops it at the end of its step
                 try:
-                    proc.wait(timeout=60)
+                    proc.wait(timeout=max(stop_by - time.perf_counter(), 0.1))
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()

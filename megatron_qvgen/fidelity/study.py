@@ -26,6 +26,7 @@ from megatron_qvgen.fidelity.errors import EvaluationError
 from megatron_qvgen.quant.context import quant_context
 from megatron_qvgen.training.evaluation import eval_loss
 from megatron_qvgen.training.loop import Trainer
+from megatron_qvgen.training.run_control import EXIT_STOPPED
 
 SMALL_SV = 0.1   # "small": below this share of the layer's largest singular value at step 0
 
@@ -83,6 +84,17 @@ class SpectrumLog:
         return {"steps": self.steps, "share_small": self.share_small, "mean_spectrum": self.mean_spectrum,
                 "threshold": SMALL_SV}
 
+    def state_dict(self) -> Dict:
+        return {**self.to_dict(), "reference": self.reference, "r0": self.r0}
+
+    @classmethod
+    def from_state(cls, state: Dict) -> "SpectrumLog":
+        log = cls([])
+        log.reference, log.r0 = list(state["reference"]), int(state["r0"])
+        log.steps, log.share_small = list(state["steps"]), list(state["share_small"])
+        log.mean_spectrum = [list(row) for row in state["mean_spectrum"]]
+        return log
+
 
 def study_config(recipe: str, method: str, bits: str, seed: int, overrides):
     """The recipe with the method's quant preset (rank r0 and everything else from the recipe) and the seed."""
@@ -98,8 +110,15 @@ def study_config(recipe: str, method: str, bits: str, seed: int, overrides):
     return apply_overrides(cfg, overrides)
 
 
+class RunStopped(Exception):
+    """A signal stopped the training (exit status 75, the trainer's): no record is written."""
+
+
 def run_study(teacher: str, cfg, method: str, options, spectrum_interval: int = 5) -> Dict:
-    """Train (unless ptq) and measure; returns the record (collective over the one-process group)."""
+    """Train (unless ptq) and measure; returns the record (collective over the one-process group).
+
+    With ``cfg.train.save_dir`` a stop signal saves the run, curves recorded so far included, and raises
+    RunStopped; the next call with the same folder continues it to the record an uninterrupted run writes."""
     from megatron_qvgen.fidelity.pipeline import measure
     from megatron_qvgen.fidelity.students import MegatronDenoiser, load_teacher, ptq_student
 
@@ -111,9 +130,10 @@ def run_study(teacher: str, cfg, method: str, options, spectrum_interval: int = 
     else:
         trainer = RecordingTrainer(cfg, init_from=teacher, spectrum_interval=spectrum_interval).setup()
         state = trainer.train()
-        if state.step < cfg.train.steps:   # a preemption signal stopped it: no record of a shorter run
-            raise EvaluationError(f"training stopped at step {state.step} of {cfg.train.steps} (signalled); "
-                                  "no record written")
+        if state.step < cfg.train.steps:   # a signal stopped it: no record of a shorter run
+            where = (f"saved to {state.outcome.checkpoint}: the same command continues it" if state.outcome.checkpoint
+                     else "nothing saved: the same command starts it over")
+            raise RunStopped(f"training stopped at step {state.step} of {cfg.train.steps}; {where}")
         gate = trainer.schedule.gate_at(max(state.step - 1, 0))
         raw = getattr(trainer.opt.chunks[0], "module", trainer.opt.chunks[0])
         student = MegatronDenoiser(raw, trainer.dtype, cfg.quant.num_timestep_groups, gate=gate)
@@ -121,7 +141,8 @@ def run_study(teacher: str, cfg, method: str, options, spectrum_interval: int = 
         record = {"train": {"steps": state.step, "loss": state.losses, "eval_loss": trainer.eval_curve(),
                             "grad_norm": trainer.grad_norms, "aux_rank": trainer.ranks,
                             "spectrum": trainer.spectrum.to_dict() if trainer.spectrum else None,
-                            "seconds": time.perf_counter() - start}}
+                            "seconds": trainer.seconds_before + time.perf_counter() - start}}
+        start -= trainer.seconds_before   # the record's total counts the earlier calls' training too
     result, _, sampler = measure(teacher_model, student, cfg, options, student.device)
     record.update({"method": method, "bits": f"w{cfg.quant.weight_bits}a{cfg.quant.act_bits}",
                    "seed": cfg.train.seed, "sampler": sampler.name, "fidelity": result.results,
@@ -154,6 +175,8 @@ class RecordingTrainer(Trainer):
         self.ranks: List[int] = []
         self.spectrum: Optional[SpectrumLog] = None
         self.eval_at_start: Optional[float] = None
+        self.seconds_before = 0.0      # training time of the calls this run continues
+        self.began = time.perf_counter()
 
     def setup(self) -> "RecordingTrainer":
         super().setup()
@@ -170,6 +193,13 @@ class RecordingTrainer(Trainer):
             inner(step, values)
 
         monitor.scalars = capture
+        if self.resumed_from is not None:
+            try:
+                self._restore_recording()
+            except EvaluationError:
+                self._release()   # the run lock too: the folder is left as it was
+                raise
+            return self
         spectra = self._spectra(0)
         self.spectrum = SpectrumLog(spectra) if spectra else None
         if self.spectrum:
@@ -177,6 +207,33 @@ class RecordingTrainer(Trainer):
         if self.eval_set is not None:  # the PTQ-initialised student (Phi from the SVD included)
             self.eval_at_start = eval_loss(self.opt.chunks, self.teacher, self.eval_set, self.schedule.gate_at(0))
         return self
+
+    def checkpoint_extras(self) -> Dict:
+        """The curves recorded so far, saved with the checkpoint: a stopped run continues its record."""
+        return {"study_record": {
+            "step": self.state.step, "losses": list(self.state.losses),
+            "eval_losses": [list(x) for x in self.state.eval_losses], "grad_norms": list(self.grad_norms),
+            "ranks": list(self.ranks), "eval_at_start": self.eval_at_start,
+            "spectrum": self.spectrum.state_dict() if self.spectrum else None,
+            "seconds": self.seconds_before + time.perf_counter() - self.began}}
+
+    def _restore_recording(self) -> None:
+        saved = self.resumed_extras.get("study_record")
+        if saved is None or saved["step"] != self.state.step or len(saved["ranks"]) != self.state.step:
+            raise EvaluationError(f"{self.resumed_from} holds no study record of its step {self.state.step}: it is "
+                                  f"not this study's checkpoint; give the run another train.save_dir")
+        self.state.losses = list(saved["losses"])
+        self.state.eval_losses = [tuple(x) for x in saved["eval_losses"]]
+        self.grad_norms, self.ranks = list(saved["grad_norms"]), list(saved["ranks"])
+        self.eval_at_start = saved["eval_at_start"]
+        self.spectrum = SpectrumLog.from_state(saved["spectrum"]) if saved["spectrum"] else None
+        self.seconds_before = float(saved["seconds"])
+
+    def _save_if_new(self):
+        """A finished run is measured in this process: no checkpoint of it (only a stop saves)."""
+        if self.state.step >= self.cfg.train.steps:
+            return None
+        return super()._save_if_new()
 
     def _spectra(self, step: int) -> List[torch.Tensor]:
         with quant_context(aux_gate=self.schedule.gate_at(max(step - 1, 0))):
@@ -204,6 +261,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--sampling-steps", type=int, default=20)
     parser.add_argument("--spectrum-interval", type=int, default=5)
+    parser.add_argument("--resume-dir", default=None,
+                        help="the run's checkpoint folder: a stop signal saves there (exit status 75) and the same "
+                             "command continues from it")
     args, rest = parser.parse_known_args(argv)
     from megatron_qvgen import cli
 
@@ -215,12 +275,18 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     try:
         cfg = study_config(args.recipe, args.method, args.bits, args.seed, parse_override_args(rest))
+        if args.resume_dir:   # saved only when a signal stops it
+            cfg = dataclasses.replace(cfg, train=dataclasses.replace(
+                cfg.train, save_dir=args.resume_dir, save_interval=0, save_interval_minutes=0.0, keep_last=1))
         options = EvalOptions(samples=args.samples, sampling_steps=args.sampling_steps, seed=0)
         open_single_process(seed=args.seed)
         try:
             record = run_study(args.teacher, cfg, args.method, options, args.spectrum_interval)
         finally:
             close_single_process()
+    except RunStopped as exc:
+        print(f"stopped: {exc}", file=sys.stderr)
+        return EXIT_STOPPED
     except (EvaluationError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

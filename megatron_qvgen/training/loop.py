@@ -120,10 +120,12 @@ class Trainer:
             same_layout = tuple(common.get("layout", ())) == (self.info.pp_size, self.info.tp_size, self.info.dp_size)
             self.loader.load_state_dict(extra["data"], strict=same_layout)
             self.resumed_from = resume
+            self.resumed_extras = extra.get("extras", {})
         else:
             initialize_quantizers(self.student)   # PTQ: clip search + auxiliary SVD
             self.opt = build_optimization(self.student, cfg)
             self.resumed_from = None
+            self.resumed_extras = {}
         self.saved_step = self.state.step if self.run.own else None   # the newest step already on disk
         self._wire_grad_finalisation()
         self.decay = RankDecay(self.student, self.schedule, MegatronOptimizerAdapter(self.opt.optimizer))
@@ -343,6 +345,9 @@ class Trainer:
         step = self.state.step
         common = {"data": self.loader.state_dict(), "nonfinite_skipped": self.state.nonfinite_skipped,
                   "config": self.cfg.to_dict()}
+        extras = self.checkpoint_extras()
+        if extras:
+            common["extras"] = extras
         path = ckpt.save_checkpoint(t.save_dir, step, self.opt.chunks, self.opt.optimizer, self.opt.scheduler,
                                     common, model_cfg=self.cfg.model, keep_last=t.keep_last,
                                     strategy=self.save_strategy, async_saves=self.async_saves,
@@ -352,6 +357,11 @@ class Trainer:
         self.monitor.scalars(step, {"checkpoint/save_seconds": blocked})
         self.saved_step = step
         return path
+
+    def checkpoint_extras(self) -> Dict:
+        """JSON-like state a subclass keeps across a stop (saved with each checkpoint, read back on resume as
+        ``self.resumed_extras``); the trainer itself needs none."""
+        return {}
 
     def _saved(self, path: str, step: int, began: float) -> None:
         seconds = time.monotonic() - began

@@ -1,0 +1,75 @@
+"""A fidelity-study run stopped by a signal (the GPU study's deadline) continues from its checkpoint to the record
+an uninterrupted run writes: losses, evaluation curve, gradient norms, ranks and the auxiliary spectrum, across a
+rank-decay boundary and the module's removal. A checkpoint that is not a study run's is refused by name.
+Real processes (gloo), the tiny Wan config of test_trainer, fp32."""
+import os
+import signal
+
+import pytest
+import torch
+
+from multiproc import DistributedTestError, run_distributed
+from test_trainer import teacher_ckpt, tiny_cfg  # noqa: F401 - teacher_ckpt: the fixture
+
+STEPS, STOP_AT = 8, 2    # rank 4 -> 2 -> 1 -> 0 over steps 1-4 (decay_phase_steps 1): the stop is mid-decay
+
+
+def _study_run(rank, world, cfg, init_from, signal_at=None, plain=False):
+    from megatron_qvgen.fidelity.study import RecordingTrainer
+    from megatron_qvgen.training.loop import Trainer
+
+    base = Trainer if plain else RecordingTrainer
+
+    class Signalled(base):
+        def _one_step(self, num_micro):
+            if signal_at is not None and self.state.step == signal_at:
+                os.kill(os.getpid(), signal.SIGTERM)
+            super()._one_step(num_micro)
+
+    trainer = (Signalled(cfg, init_from) if plain else Signalled(cfg, init_from, spectrum_interval=1)).setup()
+    state = trainer.train()
+    out = {"step": torch.tensor(state.step), "checkpoint": state.outcome.checkpoint or ""}
+    if not plain:
+        out.update({"loss": torch.tensor(state.losses, dtype=torch.float64),
+                    "eval": torch.tensor(trainer.eval_curve(), dtype=torch.float64),
+                    "grad_norm": torch.tensor([-1.0 if g is None else g for g in trainer.grad_norms],  # None: not logged
+                                          dtype=torch.float64),
+                    "rank": torch.tensor(trainer.ranks),
+                    "spectrum_steps": torch.tensor(trainer.spectrum.steps),
+                    "spectrum": torch.tensor(trainer.spectrum.mean_spectrum, dtype=torch.float64),
+                    "share_small": torch.tensor(trainer.spectrum.share_small, dtype=torch.float64),
+                    "seconds": torch.tensor(trainer.seconds_before)})
+    return out
+
+
+def _cfg(root, name, **train):
+    fields = dict(steps=STEPS, eval_interval=2, eval_microbatches=2, keep_last=1)
+    fields.update(train)
+    return tiny_cfg(str(root / name), **fields)
+
+
+def test_a_stopped_study_run_continues_to_the_uninterrupted_record(teacher_ckpt):
+    root, init = teacher_ckpt
+    ref = run_distributed(_study_run, 1, _cfg(root, "study_ref"), init)[0]
+    save = str(root / "study_stopped" / "resume")
+    cfg = _cfg(root, "study_stopped", save_dir=save)
+    first = run_distributed(_study_run, 1, cfg, init, signal_at=STOP_AT)[0]
+    assert int(first["step"]) == STOP_AT + 1 and first["checkpoint"].endswith(f"iter_{STOP_AT + 1:07d}")
+    second = run_distributed(_study_run, 1, cfg, init)[0]
+    assert int(second["step"]) == STEPS and second["checkpoint"] == ""   # a finished run saves nothing more
+    assert float(second["seconds"]) > 0                                  # the first call's training time counted
+    assert ref["rank"].tolist() == second["rank"].tolist() and ref["rank"].tolist()[-1] == 0
+    for key in ("loss", "eval", "grad_norm", "spectrum_steps", "spectrum", "share_small"):
+        assert ref[key].shape == second[key].shape, key
+        assert torch.equal(ref[key], second[key]), f"{key} differs after the stop"
+    assert sorted(os.listdir(save)) == ["iter_0000003", "latest"]         # only the stop's checkpoint
+
+
+def test_a_checkpoint_without_a_study_record_is_refused_by_name(teacher_ckpt):
+    root, init = teacher_ckpt
+    save = str(root / "plain_run" / "ckpt")
+    cfg = _cfg(root, "plain_run", save_dir=save)
+    run_distributed(_study_run, 1, cfg, init, signal_at=STOP_AT, plain=True)
+    with pytest.raises(DistributedTestError, match="iter_0000003 holds no study record"):
+        run_distributed(_study_run, 1, cfg, init)
+    assert sorted(os.listdir(save)) == ["iter_0000003", "latest"]        # nothing of the plain run removed
