@@ -1,6 +1,7 @@
 """Moving a teacher through the lent GPU's small-file limit (benchmarks/fidelity/teacher_pack.py), and the
 architecture check that lets a diffusers-converted teacher serve a recipe with another text length."""
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -26,17 +27,27 @@ def _folder(path: Path, dtype=torch.bfloat16) -> dict:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_pack_and_unpack_give_back_the_exact_tensors_and_config(tmp_path, dtype):
+def test_pack_and_unpack_give_back_the_exact_tensors_and_config(tmp_path, dtype, monkeypatch):
     tool = _tool()
+    rename = tool.os.replace
+
+    def same_folder_only(src, dst):   # /tmp is another filesystem on the lent machine: a rename across fails
+        if os.path.dirname(os.path.abspath(src)) != os.path.dirname(os.path.abspath(dst)):
+            raise OSError(18, "Invalid cross-device link", str(src))
+        rename(src, dst)
+
+    monkeypatch.setattr(tool.os, "replace", same_folder_only)
     tensors = _folder(tmp_path / "teacher", dtype)
     summary = tool.pack(tmp_path / "teacher", tmp_path / "pack", chunk_mib=0.004)   # ~4 KiB: several chunks
     assert summary["chunks"] > 1 and summary["packed_mib"] < summary["raw_mib"]
-    tool.unpack(tmp_path / "pack", tmp_path / "back")
-    back = load_file(str(tmp_path / "back" / "diffusion_pytorch_model.safetensors"))
+    back_dir = tmp_path / "fresh" / "back"    # its parent not made yet, as on a fresh lent machine
+    tool.unpack(tmp_path / "pack", back_dir)
+    back = load_file(str(back_dir / "diffusion_pytorch_model.safetensors"))
     assert back.keys() == tensors.keys()
     for name, t in tensors.items():
         assert back[name].dtype == t.dtype and torch.equal(back[name], t), name
-    assert (tmp_path / "back/config.json").read_text() == (tmp_path / "teacher/config.json").read_text()
+    assert (back_dir / "config.json").read_text() == (tmp_path / "teacher/config.json").read_text()
+    assert sorted(p.name for p in back_dir.parent.iterdir()) == ["back"]   # no temporary folder left
 
 
 def test_a_damaged_or_missing_chunk_is_refused_and_nothing_is_written(tmp_path):

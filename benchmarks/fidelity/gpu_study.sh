@@ -11,7 +11,9 @@
 # On a machine without a time limit, `all` (the default) does everything. On the lent GPU a command runs for at
 # most 10 minutes and a warm machine keeps the ignored outputs/ folder between calls, so it is done in calls of
 # DEADLINE seconds, each continuing the last (the teacher fit from its checkpoint every 250 steps, the study from
-# the runs already recorded), each packing what it made into one archive, $BUNDLE:
+# the runs already recorded and from the checkpoints of those stopped at the deadline), each packing what it made
+# into one archive, $BUNDLE. Carry nothing under $RESULTS into a warm machine's later call: a carried path replaces
+# the one there, and with it the records of the calls before.
 #
 #   source benchmarks/training/device_env.sh && DEADLINE=540 BUNDLE=$OUT/fidelity.tgz bash benchmarks/fidelity/gpu_study.sh teacher
 #   source benchmarks/training/device_env.sh && DEADLINE=540 BUNDLE=$OUT/fidelity.tgz bash benchmarks/fidelity/gpu_study.sh study
@@ -19,7 +21,8 @@
 #
 # Budget (measured on an H200, 2026-12-05): teacher stage 8 min (8000 clips in seconds, 3000 steps x 32 clips at
 # ~6.8 steps/s, samples, pack); study 400 steps x 16 clips a run, 5 runs at once taking 180-300 s each: about 12 min
-# per bit width (1 PTQ + 12 trained runs, 16 prompts x 20 sampler steps each).
+# per bit width (1 PTQ + 12 trained runs, 16 prompts x 20 sampler steps each). A trained run holds about 9 GiB of
+# GPU memory: JOBS <= 7 on an H100 (13 at once ran out of memory there, 2026-12-05), <= 14 on an H200.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 STAGE=all
@@ -70,6 +73,7 @@ fi
 made=$(ls -d "$FID"/teacher_samples.* "$RESULTS" 2>/dev/null)
 if [ -n "${BUNDLE:-}" ] && [ -n "$made" ]; then
   # one archive: the lent machine sends back at most 8 files
-  tar czf "$BUNDLE" $made && echo "packed $(du -h "$BUNDLE" | cut -f1) into $BUNDLE"
+  # (without the checkpoints of runs stopped at the deadline: the next call on this machine reads them)
+  tar czf "$BUNDLE" --exclude="$RESULTS/resume" $made && echo "packed $(du -h "$BUNDLE" | cut -f1) into $BUNDLE"
 fi
 exit $rc

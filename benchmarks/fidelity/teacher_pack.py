@@ -115,7 +115,8 @@ def unpack(src: Path, out: Path) -> dict:
             a = np.frombuffer(raw, dtype=np.dtype(t["dtype"]), count=count, offset=offset)
             tensors[t["name"]] = torch.from_numpy(a.copy()).reshape(t["shape"])
         offset += count * size
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
+    out.parent.mkdir(parents=True, exist_ok=True)   # the temporary folder beside it: a rename, never a copy
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         save_file(tensors, str(tmp / "diffusion_pytorch_model.safetensors"))
         (tmp / "config.json").write_text(index["config"])
