@@ -1,0 +1,107 @@
+#!/usr/bin/env python
+"""Study runs recorded by more than one call: one study out of them, and what the repeats say about noise.
+
+A GPU study made in several calls can record the same run twice (same method, bits, seed, config and machine
+kind). Training on the GPU is not bit-reproducible (PTQ, which trains nothing, repeats exactly), so two trainings
+of one seed differ; how much, measured on the repeats, is the smallest difference between methods worth reading.
+
+    python benchmarks/fidelity/repeat_runs.py --runs benchmarks/fidelity/results/gpu/w3a3_call1/runs \\
+        benchmarks/fidelity/results/gpu/w3a3_call2/runs --out benchmarks/fidelity/results/gpu/w3a3 \\
+        --plots docs/fidelity/gpu_w3a3
+
+Writes to --out: results.json / results.md (run_study.py's format; where a run is in several folders, the first
+folder's record, a rule fixed before looking at the numbers) and repeats.md (each repeated run's sampled rel_l2,
+PSNR, one-step error and final evaluation loss call by call, their difference, and on how many prompts the first
+call's error is lower); the plots to --plots (default: --out).
+"""
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from statistics import mean
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from plots import LABELS, METHOD_ORDER, final_eval_loss, summary_markdown, summary_rows, write_plots  # noqa: E402
+
+
+def load_runs(folders):
+    """``{(bits, method, seed): [record per folder that holds it, in folder order]}``."""
+    runs = {}
+    for folder in folders:
+        paths = sorted(Path(folder).glob("*.json"))
+        if not paths:
+            raise SystemExit(f"error: {folder} holds no run records (*.json)")
+        for path in paths:
+            with open(path) as f:
+                record = json.load(f)
+            record.pop("config", None)
+            record["_from"] = str(folder)
+            runs.setdefault((record["bits"], record["method"], record["seed"]), []).append(record)
+    return runs
+
+
+def _metrics(r):
+    f = r["fidelity"]
+    return {"rel_l2": f["rel_l2"], "psnr_db": f["psnr_db"], "one_step": mean(f["one_step_rel_l2"]),
+            "eval_loss": final_eval_loss(r)}
+
+
+def repeats_markdown(runs) -> str:
+    lines = ["| bits | method | seed | sampled rel_l2 (calls) | diff | PSNR dB (calls) | one-step error (calls) | "
+             "final eval loss (calls) | diff | prompts lower in call 1 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    diffs = []
+    key = lambda k: (k[0], METHOD_ORDER.index(k[1]), k[2])  # noqa: E731
+    for (bits, method, seed) in sorted(runs, key=key):
+        records = runs[(bits, method, seed)]
+        if len(records) < 2:
+            continue
+        m = [_metrics(r) for r in records]
+        first, other = records[0]["fidelity"]["per_sample_rel_l2"], records[1]["fidelity"]["per_sample_rel_l2"]
+        rel_diff = m[1]["rel_l2"] - m[0]["rel_l2"]
+        ev = [x["eval_loss"] for x in m]
+        ev_diff = (ev[1] - ev[0]) / ev[0] if None not in ev[:2] and ev[0] else None
+        if records[0].get("train") is not None:
+            diffs.append(abs(rel_diff))
+        join = lambda name, fmt: " / ".join(format(x[name], fmt) for x in m)  # noqa: E731
+        lines.append(f"| {bits.upper()} | {LABELS[method]} | {seed} | {join('rel_l2', '.4f')} | {rel_diff:+.4f} | "
+                     f"{join('psnr_db', '.2f')} | {join('one_step', '.4f')} | "
+                     f"{' / '.join('-' if e is None else format(e, '.5f') for e in ev)} | "
+                     f"{'-' if ev_diff is None else format(ev_diff, '+.1%')} | "
+                     f"{sum(a < b for a, b in zip(first, other))} of {len(first)} |")
+    if diffs:
+        lines.append(f"\nTrained runs repeated: {len(diffs)}; |difference| of the sampled rel_l2: mean "
+                     f"{mean(diffs):.4f}, largest {max(diffs):.4f}.")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", nargs="+", required=True, help="runs folders, in priority order")
+    p.add_argument("--out", required=True)
+    p.add_argument("--bits", nargs="+", default=None, help="only these bit widths (default: all)")
+    p.add_argument("--plots", default=None, help="folder for the PNG plots (default: --out)")
+    args = p.parse_args(argv)
+    runs = load_runs(args.runs)
+    if args.bits:
+        runs = {k: v for k, v in runs.items() if k[0] in args.bits}
+    chosen = [records[0] for records in runs.values()]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {"command": " ".join(["repeat_runs.py", *(argv if argv is not None else sys.argv[1:])]),
+               "summary": summary_rows(chosen), "runs": chosen}
+    tmp = out / ".results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1))
+    os.replace(tmp, out / "results.json")
+    (out / "results.md").write_text(summary_markdown(results["summary"]) + "\n")
+    repeats = repeats_markdown(runs)
+    (out / "repeats.md").write_text(repeats + "\n")
+    print(summary_markdown(results["summary"]), "\n", repeats, sep="\n")
+    for png in write_plots(chosen, Path(args.plots or out)):
+        print("wrote", png)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

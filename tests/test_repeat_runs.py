@@ -1,0 +1,48 @@
+"""benchmarks/fidelity/repeat_runs.py on the recorded GPU W3A3 runs: the first folder's record wins where a run was
+recorded twice, the other fills in, and each repeat is set beside its twin; an empty folder is refused by name."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from scripts import load_script
+
+ROOT = Path(__file__).resolve().parent.parent
+RECORDED = ROOT / "benchmarks/fidelity/results/gpu"
+
+
+def _folder(path: Path, call: int, names):
+    path.mkdir(parents=True)
+    for name in names:
+        shutil.copy(RECORDED / f"w3a3_call{call}/runs/{name}.json", path)
+    return path
+
+
+def _rel_l2(call: int, name: str) -> float:
+    return json.loads((RECORDED / f"w3a3_call{call}/runs/{name}.json").read_text())["fidelity"]["rel_l2"]
+
+
+def test_first_call_wins_the_other_fills_in_and_repeats_are_paired(tmp_path):
+    first = _folder(tmp_path / "c1", 1, ["w3a3_ptq_s0", "w3a3_lsq_s0", "w3a3_lsq_s1"])
+    second = _folder(tmp_path / "c2", 2, ["w3a3_ptq_s0", "w3a3_lsq_s0", "w3a3_qvgen_keep_aux_s0"])
+    out = tmp_path / "merged"
+    assert load_script("benchmarks/fidelity/repeat_runs.py").main(
+        ["--runs", str(first), str(second), "--out", str(out)]) == 0
+    runs = {(r["method"], r["seed"]): r for r in json.loads((out / "results.json").read_text())["runs"]}
+    assert sorted(runs) == [("lsq", 0), ("lsq", 1), ("ptq", 0), ("qvgen_keep_aux", 0)]
+    assert runs[("lsq", 0)]["fidelity"]["rel_l2"] == _rel_l2(1, "w3a3_lsq_s0")
+    assert runs[("qvgen_keep_aux", 0)]["fidelity"]["rel_l2"] == _rel_l2(2, "w3a3_qvgen_keep_aux_s0")
+    rows = [line for line in (out / "repeats.md").read_text().splitlines() if line.startswith("| W3A3")]
+    assert len(rows) == 2 and "| PTQ only | 0 |" in rows[0] and "+0.0000" in rows[0]   # PTQ trains nothing
+    diff = _rel_l2(2, "w3a3_lsq_s0") - _rel_l2(1, "w3a3_lsq_s0")
+    assert f"{diff:+.4f}" in rows[1] and abs(diff) > 0.01    # the same seed trained twice on the GPU
+    assert (out / "rel_l2.png").exists() and (out / "grad_norm.png").exists()
+
+
+def test_a_folder_without_records_is_refused_by_name(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="empty holds no run records"):
+        load_script("benchmarks/fidelity/repeat_runs.py").main(["--runs", str(tmp_path / "empty"), "--out",
+                                                                str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
