@@ -180,6 +180,14 @@ class RecordingTrainer(Trainer):
 
     def setup(self) -> "RecordingTrainer":
         super().setup()
+        try:
+            self._start_recording()
+        except BaseException:
+            self._release()   # the run lock too: an out-of-memory or a foreign checkpoint leaves the folder as it was
+            raise
+        return self
+
+    def _start_recording(self) -> None:
         monitor = self.monitor
         if monitor.bar is not None:
             monitor.bar.close()
@@ -194,19 +202,14 @@ class RecordingTrainer(Trainer):
 
         monitor.scalars = capture
         if self.resumed_from is not None:
-            try:
-                self._restore_recording()
-            except EvaluationError:
-                self._release()   # the run lock too: the folder is left as it was
-                raise
-            return self
+            self._restore_recording()
+            return
         spectra = self._spectra(0)
         self.spectrum = SpectrumLog(spectra) if spectra else None
         if self.spectrum:
             self.spectrum.record(0, spectra)
         if self.eval_set is not None:  # the PTQ-initialised student (Phi from the SVD included)
             self.eval_at_start = eval_loss(self.opt.chunks, self.teacher, self.eval_set, self.schedule.gate_at(0))
-        return self
 
     def checkpoint_extras(self) -> Dict:
         """The curves recorded so far, saved with the checkpoint: a stopped run continues its record."""
