@@ -79,6 +79,9 @@ def mean_curve(curves):
 
 
 def write_plots(runs, folder: Path):
+    """The PNGs of the runs recorded so far (none before the first run ends); returns their paths."""
+    if not runs:
+        return []
     import matplotlib
 
     matplotlib.use("Agg")
