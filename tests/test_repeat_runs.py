@@ -34,9 +34,10 @@ def test_first_call_wins_the_other_fills_in_and_repeats_are_paired(tmp_path):
     assert runs[("lsq", 0)]["fidelity"]["rel_l2"] == _rel_l2(1, "w3a3_lsq_s0")
     assert runs[("qvgen_keep_aux", 0)]["fidelity"]["rel_l2"] == _rel_l2(2, "w3a3_qvgen_keep_aux_s0")
     rows = [line for line in (out / "repeats.md").read_text().splitlines() if line.startswith("| W3A3")]
-    assert len(rows) == 2 and "| PTQ only | 0 |" in rows[0] and "+0.0000" in rows[0]   # PTQ trains nothing
-    diff = _rel_l2(2, "w3a3_lsq_s0") - _rel_l2(1, "w3a3_lsq_s0")
-    assert f"{diff:+.4f}" in rows[1] and abs(diff) > 0.01    # the same seed trained twice on the GPU
+    assert len(rows) == 2 and "| PTQ only | 0 |" in rows[0]
+    spread = abs(_rel_l2(2, "w3a3_lsq_s0") - _rel_l2(1, "w3a3_lsq_s0"))
+    assert f"| {spread:.4f} |" in rows[1] and spread > 0.01    # the same seed trained twice on the GPU
+    assert rows[0].count("| 0.0000 |") == 1                    # PTQ: no spread
     assert (out / "rel_l2.png").exists() and (out / "grad_norm.png").exists()
 
 
@@ -46,3 +47,15 @@ def test_a_folder_without_records_is_refused_by_name(tmp_path):
         load_script("benchmarks/fidelity/repeat_runs.py").main(["--runs", str(tmp_path / "empty"), "--out",
                                                                 str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+def test_a_run_recorded_with_other_settings_is_not_a_repeat(tmp_path):
+    first = _folder(tmp_path / "c1", 1, ["w3a3_lsq_s0"])
+    second = _folder(tmp_path / "c2", 2, ["w3a3_lsq_s0"])
+    record = json.loads((second / "w3a3_lsq_s0.json").read_text())
+    record["config"]["train"]["lr"] *= 3
+    record["config"]["train"]["save_dir"] = "elsewhere"     # where it saved is no setting
+    (second / "w3a3_lsq_s0.json").write_text(json.dumps(record))
+    with pytest.raises(SystemExit, match="not a repeat of the run in .*c1: they differ in train.lr$"):
+        load_script("benchmarks/fidelity/repeat_runs.py").main(["--runs", str(first), str(second), "--out",
+                                                                str(tmp_path / "out")])

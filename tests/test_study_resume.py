@@ -52,7 +52,7 @@ def test_a_stopped_study_run_continues_to_the_uninterrupted_record(teacher_ckpt)
     root, init = teacher_ckpt
     ref = run_distributed(_study_run, 1, _cfg(root, "study_ref"), init)[0]
     save = str(root / "study_stopped" / "resume")
-    cfg = _cfg(root, "study_stopped", save_dir=save)
+    cfg = _cfg(root, "study_stopped", save_dir=save, save_interval=2)   # a save at step 2 records nothing
     first = run_distributed(_study_run, 1, cfg, init, signal_at=STOP_AT)[0]
     assert int(first["step"]) == STOP_AT + 1 and first["checkpoint"].endswith(f"iter_{STOP_AT + 1:07d}")
     second = run_distributed(_study_run, 1, cfg, init)[0]
@@ -62,7 +62,7 @@ def test_a_stopped_study_run_continues_to_the_uninterrupted_record(teacher_ckpt)
     for key in ("loss", "eval", "grad_norm", "spectrum_steps", "spectrum", "share_small"):
         assert ref[key].shape == second[key].shape, key
         assert torch.equal(ref[key], second[key]), f"{key} differs after the stop"
-    assert sorted(os.listdir(save)) == ["iter_0000003", "latest"]         # only the stop's checkpoint
+    assert sorted(os.listdir(save)) == ["iter_0000006", "latest"]   # the last interval save (none at the finish)
 
 
 def test_a_checkpoint_without_a_study_record_is_refused_by_name(teacher_ckpt):
@@ -73,3 +73,20 @@ def test_a_checkpoint_without_a_study_record_is_refused_by_name(teacher_ckpt):
     with pytest.raises(DistributedTestError, match="iter_0000003 holds no study record"):
         run_distributed(_study_run, 1, cfg, init)
     assert sorted(os.listdir(save)) == ["iter_0000003", "latest"]        # nothing of the plain run removed
+
+
+def test_a_stop_signal_during_the_measurement_is_ignored_then_the_handlers_return():
+    from megatron_qvgen.fidelity.study import _stop_signals_ignored
+
+    seen = []
+    before = signal.signal(signal.SIGUSR1, lambda *_: seen.append("usr1"))
+    try:
+        with _stop_signals_ignored():
+            os.kill(os.getpid(), signal.SIGUSR1)     # the measurement goes on to its record
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert seen == []
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert seen == ["usr1"]                     # the run's own handler is back
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGUSR1, before)

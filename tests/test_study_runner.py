@@ -5,6 +5,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from scripts import load_script
 
 
@@ -45,3 +47,43 @@ def test_no_run_starts_that_the_finished_ones_say_cannot_end_in_time(tmp_path):
     assert failed == [] and left == ["run2"]
     assert sorted(p.name for p in tmp_path.glob("*.json")) == ["run0.json", "run1.json"]
     assert not (tmp_path / "run2.log").exists()
+
+
+def _on_sigterm(folder: Path, name: str, then: str):
+    """A run that sleeps until SIGTERM, then does ``then``: what a study run does at the deadline."""
+    return (folder / f"{name}.json", [sys.executable, "-c",
+                                      "import signal, sys, time, pathlib\n"
+                                      f"path = pathlib.Path({str(folder / (name + '.json'))!r})\n"
+                                      f"def stop(*_):\n    {then}\n"
+                                      "signal.signal(signal.SIGTERM, stop)\ntime.sleep(60)\n"])
+
+
+def test_at_the_deadline_each_run_counts_by_how_it_ended(tmp_path):
+    # measuring: writes its record, exit 0 (done); training: saves, exit 75 (next call); broken: exit 2 (failed)
+    queue = [_on_sigterm(tmp_path, "measuring", "path.write_text('{}'); sys.exit(0)"),
+             _on_sigterm(tmp_path, "training", "sys.exit(75)"),
+             _on_sigterm(tmp_path, "broken", "sys.exit(2)")]
+    (tmp_path / "training.log").write_text("the earlier call's log\n")
+    failed, left = _runner().run_queue(queue, jobs=3, deadline=2)
+    assert failed == ["broken.json"] and left == ["training"]
+    assert [p.name for p in tmp_path.glob("*.json")] == ["measuring.json"]
+    assert (tmp_path / "training.log").read_text().startswith("the earlier call's log\n---")   # appended
+
+
+def test_an_error_in_the_runner_leaves_no_run_going(tmp_path, monkeypatch):
+    runner = _runner()
+    started = []
+    popen = runner.subprocess.Popen
+
+    def recording(*args, **kwargs):
+        started.append(popen(*args, **kwargs))
+        return started[-1]
+
+    def interrupted(_seconds):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner.subprocess, "Popen", recording)
+    monkeypatch.setattr(runner.time, "sleep", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_queue(_queue(tmp_path, [30, 30]), jobs=2)
+    assert len(started) == 2 and all(p.poll() is not None for p in started)

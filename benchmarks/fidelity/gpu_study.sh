@@ -2,7 +2,7 @@
 # The whole fidelity study on one GPU: the small_wan teacher (fit_teacher.sh gpu), then the five methods x W4A4/W3A3
 # x 3 seeds at equal budget, JOBS runs at once on the one GPU (each small run uses a fraction of an H200), then
 # results.json / results.md / plots. Extra arguments go to run_study.py (e.g. --train.lr 3e-5). Settings:
-# TEACHER_STEPS (3000), STUDY_STEPS (400), JOBS (9), FID (outputs/fidelity/small_wan), RESULTS, DEADLINE, BUNDLE,
+# TEACHER_STEPS (3000), STUDY_STEPS (400), JOBS (6), FID (outputs/fidelity/small_wan), RESULTS, DEADLINE, BUNDLE,
 # PACK_TO (a folder: the fitted teacher packed there in <= 15 MiB files that a lent machine can send back) and
 # TEACHER_PACK (such a folder, carried in: the teacher is restored from it instead of fitted again).
 #
@@ -66,7 +66,7 @@ if [ "$STAGE" != teacher ] && [ $rc -eq 0 ]; then
     deadline=()
     [ -n "$DEADLINE" ] && deadline=(--deadline-s "$(( $(left) - 60 ))")   # a minute to gather and plot
     python benchmarks/fidelity/run_study.py --teacher "$FID/teacher" --recipe "$RECIPE" --data "$FID/data" \
-      --out "$RESULTS" --jobs "${JOBS:-9}" --steps "${STUDY_STEPS:-400}" "${deadline[@]}" "$@"
+      --out "$RESULTS" --jobs "${JOBS:-6}" --steps "${STUDY_STEPS:-400}" "${deadline[@]}" "$@"
     rc=$?
   fi
 fi
@@ -74,6 +74,6 @@ made=$(ls -d "$FID"/teacher_samples.* "$RESULTS" 2>/dev/null)
 if [ -n "${BUNDLE:-}" ] && [ -n "$made" ]; then
   # one archive: the lent machine sends back at most 8 files
   # (without the checkpoints of runs stopped at the deadline: the next call on this machine reads them)
-  tar czf "$BUNDLE" --exclude="$RESULTS/resume" $made && echo "packed $(du -h "$BUNDLE" | cut -f1) into $BUNDLE"
+  tar czf "$BUNDLE" --exclude="${RESULTS%/}/resume" $made && echo "packed $(du -h "$BUNDLE" | cut -f1) into $BUNDLE"
 fi
 exit $rc

@@ -11,8 +11,9 @@ of one seed differ; how much, measured on the repeats, is the smallest differenc
 
 Writes to --out: results.json / results.md (run_study.py's format; where a run is in several folders, the first
 folder's record, a rule fixed before looking at the numbers) and repeats.md (each repeated run's sampled rel_l2,
-PSNR, one-step error and final evaluation loss call by call, their difference, and on how many prompts the first
-call's error is lower); the plots to --plots (default: --out).
+PSNR, one-step error and final evaluation loss call by call, their spread, and on how many prompts the first
+call's error is below the second's); the plots to --plots (default: --out). Records of one run with other
+settings are refused: they are not repeats.
 """
 import argparse
 import json
@@ -26,8 +27,26 @@ sys.path.insert(0, str(HERE))
 from plots import LABELS, METHOD_ORDER, final_eval_loss, summary_markdown, summary_rows, write_plots  # noqa: E402
 
 
+# where and how a run saves and logs: these may differ between calls of one study
+NOT_SETTINGS = {"save_dir", "save_interval", "load_dir", "save_interval_minutes", "exit_after_minutes", "keep_last",
+                "break_lock", "fully_parallel_save", "async_save", "log_interval", "tensorboard_dir", "image_interval"}
+
+
+def _settings(config):
+    """The run's config without the fields that say only where and how it saved and logged (flattened)."""
+    flat = {}
+    for section, fields in (config or {}).items():
+        if isinstance(fields, dict):
+            flat.update({f"{section}.{k}": v for k, v in fields.items()
+                         if not (section == "train" and k in NOT_SETTINGS)})
+        else:
+            flat[section] = fields
+    return flat
+
+
 def load_runs(folders):
-    """``{(bits, method, seed): [record per folder that holds it, in folder order]}``."""
+    """``{(bits, method, seed): [record per folder that holds it, in folder order]}``; a run recorded twice with
+    other settings (learning rate, steps, data, ...) is refused, naming the fields."""
     runs = {}
     for folder in folders:
         paths = sorted(Path(folder).glob("*.json"))
@@ -36,10 +55,18 @@ def load_runs(folders):
         for path in paths:
             with open(path) as f:
                 record = json.load(f)
-            record.pop("config", None)
-            record["_from"] = str(folder)
-            runs.setdefault((record["bits"], record["method"], record["seed"]), []).append(record)
-    return runs
+            settings = _settings(record.pop("config", None))
+            record["recorded_in"] = str(folder)
+            key = (record["bits"], record["method"], record["seed"])
+            if key in runs:
+                first, first_settings = runs[key][0]
+                differ = sorted(k for k in settings.keys() | first_settings.keys()
+                                if settings.get(k) != first_settings.get(k))
+                if differ:
+                    raise SystemExit(f"error: {path} is not a repeat of the run in {first['recorded_in']}: "
+                                     f"they differ in {', '.join(differ)}")
+            runs.setdefault(key, []).append((record, settings))
+    return {key: [record for record, _ in entries] for key, entries in runs.items()}
 
 
 def _metrics(r):
@@ -49,9 +76,10 @@ def _metrics(r):
 
 
 def repeats_markdown(runs) -> str:
-    lines = ["| bits | method | seed | sampled rel_l2 (calls) | diff | PSNR dB (calls) | one-step error (calls) | "
-             "final eval loss (calls) | diff | prompts lower in call 1 |", "|---|---|---|---|---|---|---|---|---|---|"]
-    diffs = []
+    lines = ["| bits | method | seed | sampled rel_l2 (calls) | spread | PSNR dB (calls) | one-step error (calls) | "
+             "final eval loss (calls) | spread | prompts lower in call 1 than call 2 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    spreads = []
     key = lambda k: (k[0], METHOD_ORDER.index(k[1]), k[2])  # noqa: E731
     for (bits, method, seed) in sorted(runs, key=key):
         records = runs[(bits, method, seed)]
@@ -59,20 +87,20 @@ def repeats_markdown(runs) -> str:
             continue
         m = [_metrics(r) for r in records]
         first, other = records[0]["fidelity"]["per_sample_rel_l2"], records[1]["fidelity"]["per_sample_rel_l2"]
-        rel_diff = m[1]["rel_l2"] - m[0]["rel_l2"]
+        rel = [x["rel_l2"] for x in m]
         ev = [x["eval_loss"] for x in m]
-        ev_diff = (ev[1] - ev[0]) / ev[0] if None not in ev[:2] and ev[0] else None
+        ev_spread = (max(ev) - min(ev)) / min(ev) if None not in ev and min(ev) else None
         if records[0].get("train") is not None:
-            diffs.append(abs(rel_diff))
+            spreads.append(max(rel) - min(rel))
         join = lambda name, fmt: " / ".join(format(x[name], fmt) for x in m)  # noqa: E731
-        lines.append(f"| {bits.upper()} | {LABELS[method]} | {seed} | {join('rel_l2', '.4f')} | {rel_diff:+.4f} | "
-                     f"{join('psnr_db', '.2f')} | {join('one_step', '.4f')} | "
+        lines.append(f"| {bits.upper()} | {LABELS[method]} | {seed} | {join('rel_l2', '.4f')} | "
+                     f"{max(rel) - min(rel):.4f} | {join('psnr_db', '.2f')} | {join('one_step', '.4f')} | "
                      f"{' / '.join('-' if e is None else format(e, '.5f') for e in ev)} | "
-                     f"{'-' if ev_diff is None else format(ev_diff, '+.1%')} | "
+                     f"{'-' if ev_spread is None else format(ev_spread, '.1%')} | "
                      f"{sum(a < b for a, b in zip(first, other))} of {len(first)} |")
-    if diffs:
-        lines.append(f"\nTrained runs repeated: {len(diffs)}; |difference| of the sampled rel_l2: mean "
-                     f"{mean(diffs):.4f}, largest {max(diffs):.4f}.")
+    if spreads:
+        lines.append(f"\nTrained runs repeated: {len(spreads)}; spread (largest - smallest) of the sampled rel_l2: "
+                     f"mean {mean(spreads):.4f}, largest {max(spreads):.4f}.")
     return "\n".join(lines)
 
 

@@ -13,13 +13,15 @@ over seeds) and the plots (plots.py).
 A run whose JSON is already there is not repeated (an interrupted study resumes). ``--deadline-s S`` fits the
 study into time-limited calls (the lent GPU runs a command for at most 10 minutes): no run starts that would
 not end before S seconds (judged by the runs finished so far), runs still training at S are stopped after a
-checkpoint (``<out>/resume/<run>``, with the curves recorded so far) and continue from it next time, the results
-of what is done are written, and the exit status is 3 while runs remain: the same command again continues.
-A checkpoint is only written at such a stop; one left behind is scratch that the next call reads.
+checkpoint (``<out>/resume/<run>``, with the curves recorded so far) and continue from it next time, runs being
+measured finish their record, the results of what is done are written, and the exit status is 3 while runs
+remain: the same command again continues. A checkpoint is only written at such a stop; one left behind is
+scratch that the next call reads.
 """
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -27,6 +29,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
+sys.path.insert(0, str(ROOT))
+from megatron_qvgen.training.run_control import EXIT_STOPPED  # noqa: E402 - a study run stopped by a signal
+
 METHODS = ("ptq", "lsq", "qvgen_keep_aux", "qvgen", "decay_all")
 STOP_GRACE_S = 45.0   # for all the runs stopped at the deadline to save; gpu_study.sh keeps 60 s after it
 
@@ -77,8 +82,9 @@ def run_all(args, rest):
 
 
 def run_queue(queue, jobs: int, deadline=None):
-    """Run ``(record path, command)`` pairs, ``jobs`` at once, each logging to its path's .log; with a
-    ``deadline`` in seconds see the module docstring. Returns (failed run names, run names not done)."""
+    """Run ``(record path, command)`` pairs, ``jobs`` at once, each logging to its path's .log (appended: a run
+    continued from an earlier call keeps that call's log); with a ``deadline`` in seconds see the module docstring.
+    Returns (failed run names, run names not done). Whatever ends this call, no run is left running."""
     running = []
     failed = []
     durations = []     # of the runs finished in this call: the estimate of the next one's
@@ -87,45 +93,61 @@ def run_queue(queue, jobs: int, deadline=None):
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, jobs))))
 
+    def say(path, what):
+        print(f"[{time.perf_counter() - start:7.0f} s] {path.stem}: {what}", flush=True)
+
+    def ended(path, proc, log, stopped=False) -> None:
+        log.close()
+        if proc.returncode == 0:
+            say(path, "ok")
+        elif stopped and proc.returncode in (EXIT_STOPPED, -signal.SIGTERM, -signal.SIGKILL):
+            queue.insert(0, (path, None))          # continued (or, without a checkpoint, redone) by the next call
+            say(path, "stopped at the deadline")
+        else:
+            failed.append(path.name)
+            say(path, f"FAILED (rc {proc.returncode}, see {path.with_suffix('.log')})")
+
     def fits() -> bool:
         if deadline is None:
             return True
         expected = max(durations) if durations else 0.0
         return time.perf_counter() - start + expected < deadline
 
-    while (queue and fits()) or running:
-        while queue and len(running) < jobs and fits():
-            path, cmd = queue.pop(0)
-            log = open(path.with_suffix(".log"), "w")
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
-            running.append((path, proc, log, time.perf_counter()))
-        time.sleep(1.0)
-        for item in list(running):
-            path, proc, log, began = item
-            if proc.poll() is None:
-                continue
-            running.remove(item)
-            durations.append(time.perf_counter() - began)
+    try:
+        while (queue and fits()) or running:
+            while queue and len(running) < jobs and fits():
+                path, cmd = queue.pop(0)
+                log = open(path.with_suffix(".log"), "a")
+                log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(map(str, cmd))}\n")
+                log.flush()
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+                running.append((path, proc, log, time.perf_counter()))
+            time.sleep(1.0)
+            for item in list(running):
+                path, proc, log, began = item
+                if proc.poll() is None:
+                    continue
+                running.remove(item)
+                durations.append(time.perf_counter() - began)
+                ended(path, proc, log)
+            if deadline is not None and time.perf_counter() - start >= deadline:
+                for _, proc, _, _ in running:
+                    proc.terminate()   # the trainer's SIGTERM handling saves at the end of its step, then stops
+                stop_by = time.perf_counter() + STOP_GRACE_S
+                for path, proc, log, _ in reversed(running):   # reversed: queue.insert(0) keeps their order
+                    try:
+                        proc.wait(timeout=max(stop_by - time.perf_counter(), 0.1))
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                        proc.wait()
+                    ended(path, proc, log, stopped=True)
+                running = []
+                break
+    finally:
+        for _, proc, log, _ in running:   # an error or Ctrl-C here: no run goes on without the runner
+            proc.kill()
+            proc.wait()
             log.close()
-            status = "ok" if proc.returncode == 0 else f"FAILED (rc {proc.returncode}, see {path.with_suffix('.log')})"
-            if proc.returncode:
-                failed.append(path.name)
-            print(f"[{time.perf_counter() - start:7.0f} s] {path.stem}: {status}", flush=True)
-        if deadline is not None and time.perf_counter() - start >= deadline:
-            queue[:0] = [(path, None) for path, *_ in running]      # continued by the next call, in order
-            for _, proc, _, _ in running:
-                proc.terminate()       # the trainer's SIGTERM handling saves at the end of its step, then stops
-            stop_by = time.perf_counter() + STOP_GRACE_S
-            for path, proc, log, _ in running:
-                try:
-                    proc.wait(timeout=max(stop_by - time.perf_counter(), 0.1))
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-                log.close()
-                print(f"[{time.perf_counter() - start:7.0f} s] {path.stem}: stopped at the deadline", flush=True)
-            running = []
-            break
     return failed, [path.stem for path, _ in queue]
 
 

@@ -15,7 +15,9 @@ paper's "share of small singular values": it says the share grows, which is what
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import signal
 import sys
 import time
 from typing import Dict, List, Optional
@@ -110,6 +112,18 @@ def study_config(recipe: str, method: str, bits: str, seed: int, overrides):
     return apply_overrides(cfg, overrides)
 
 
+@contextlib.contextmanager
+def _stop_signals_ignored():
+    """A trained student is measured to its record (tens of seconds) even when a stop signal comes meanwhile: it
+    has no checkpoint to continue from, and run_study.py's deadline waits that long before it kills (SIGKILL)."""
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 class RunStopped(Exception):
     """A signal stopped the training (exit status 75, the trainer's): no record is written."""
 
@@ -117,8 +131,8 @@ class RunStopped(Exception):
 def run_study(teacher: str, cfg, method: str, options, spectrum_interval: int = 5) -> Dict:
     """Train (unless ptq) and measure; returns the record (collective over the one-process group).
 
-    With ``cfg.train.save_dir`` a stop signal saves the run, curves recorded so far included, and raises
-    RunStopped; the next call with the same folder continues it to the record an uninterrupted run writes."""
+    With ``cfg.train.save_dir`` (``--resume-dir``) a stop signal during training saves the run, curves recorded so far included, and raises RunStopped; the next call with the same folder continues it to
+    the record an uninterrupted run writes. A signal during the measurement waits for the record."""
     from megatron_qvgen.fidelity.pipeline import measure
     from megatron_qvgen.fidelity.students import MegatronDenoiser, load_teacher, ptq_student
 
@@ -143,7 +157,8 @@ def run_study(teacher: str, cfg, method: str, options, spectrum_interval: int = 
                             "spectrum": trainer.spectrum.to_dict() if trainer.spectrum else None,
                             "seconds": trainer.seconds_before + time.perf_counter() - start}}
         start -= trainer.seconds_before   # the record's total counts the earlier calls' training too
-    result, _, sampler = measure(teacher_model, student, cfg, options, student.device)
+    with _stop_signals_ignored():
+        result, _, sampler = measure(teacher_model, student, cfg, options, student.device)
     record.update({"method": method, "bits": f"w{cfg.quant.weight_bits}a{cfg.quant.act_bits}",
                    "seed": cfg.train.seed, "sampler": sampler.name, "fidelity": result.results,
                    "config": cfg.to_dict(), "seconds": time.perf_counter() - start})
@@ -181,6 +196,9 @@ class RecordingTrainer(Trainer):
     def setup(self) -> "RecordingTrainer":
         super().setup()
         try:
+            if self.run.complete:   # only a stop saves, so this is another run's (another train.steps?)
+                raise EvaluationError(f"{self.run.resume} is already at step {self.run.step} of "
+                                      f"{self.cfg.train.steps}: not a stopped study run; give it another folder")
             self._start_recording()
         except BaseException:
             self._release()   # the run lock too: an out-of-memory or a foreign checkpoint leaves the folder as it was
@@ -196,8 +214,9 @@ class RecordingTrainer(Trainer):
         inner = monitor.scalars
 
         def capture(step, values):
-            self.grad_norms.append(values.get("grad_norm"))
-            self.ranks.append(int(values.get("aux/rank", 0)))
+            if "aux/rank" in values:   # the step's own log line, not a save's timing
+                self.grad_norms.append(values.get("grad_norm"))
+                self.ranks.append(int(values["aux/rank"]))
             inner(step, values)
 
         monitor.scalars = capture
