@@ -73,6 +73,10 @@ def test_a_checkpoint_without_a_study_record_is_refused_by_name(teacher_ckpt):
     with pytest.raises(DistributedTestError, match="iter_0000003 holds no study record"):
         run_distributed(_study_run, 1, cfg, init)
     assert sorted(os.listdir(save)) == ["iter_0000003", "latest"]        # nothing of the plain run removed
+    done = _cfg(root, "plain_done", save_dir=str(root / "plain_done" / "ckpt"))
+    run_distributed(_study_run, 1, done, init, plain=True)              # finished: its final checkpoint saved
+    with pytest.raises(DistributedTestError, match=f"iter_{STEPS:07d} is already at step {STEPS} of {STEPS}"):
+        run_distributed(_study_run, 1, done, init)
 
 
 def test_a_stop_signal_during_the_measurement_is_ignored_then_the_handlers_return():
