@@ -87,3 +87,14 @@ def test_an_error_in_the_runner_leaves_no_run_going(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         runner.run_queue(_queue(tmp_path, [30, 30]), jobs=2)
     assert len(started) == 2 and all(p.poll() is not None for p in started)
+
+
+def test_a_run_that_can_continue_starts_while_a_little_time_is_left(tmp_path):
+    # run0 takes ~3 s; at ~4 s a run expected to take as long would not end before the 6 s deadline, but run2
+    # (--resume-dir: what it trains is kept for the next call) starts anyway and is stopped at 6 s; run1 waits.
+    queue = _queue(tmp_path, [3, 30, 30])
+    queue[2] = (queue[2][0], queue[2][1] + ["--resume-dir", str(tmp_path / "resume")])
+    queue = [queue[0], queue[2], queue[1]]
+    failed, left = _runner().run_queue(list(queue), jobs=1, deadline=6, min_start_s=1)
+    assert failed == [] and left == ["run2", "run1"]
+    assert (tmp_path / "run2.log").exists() and not (tmp_path / "run1.log").exists()

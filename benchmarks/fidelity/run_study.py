@@ -11,12 +11,12 @@ over seeds) and the plots (plots.py).
         [--seeds 0 1 2] [--section.field value ...]
 
 A run whose JSON is already there is not repeated (an interrupted study resumes). ``--deadline-s S`` fits the
-study into time-limited calls (the lent GPU runs a command for at most 10 minutes): no run starts that would
-not end before S seconds (judged by the runs finished so far), runs still training at S are stopped after a
-checkpoint (``<out>/resume/<run>``, with the curves recorded so far) and continue from it next time, runs being
-measured finish their record, the results of what is done are written, and the exit status is 3 while runs
-remain: the same command again continues. A checkpoint is only written at such a stop; one left behind is
-scratch that the next call reads.
+study into time-limited calls (the lent GPU runs a command for at most 10 minutes): a trained run starts while
+90 s are left, PTQ only if it would end before S seconds (judged by the runs finished so far); runs still
+training at S are stopped after a checkpoint (``<out>/resume/<run>``, with the curves recorded so far) and
+continue from it next time; runs being measured finish their record; the results of what is done are written,
+and the exit status is 3 while runs remain: the same command again continues. A checkpoint is only written at
+such a stop; one left behind is scratch that the next call reads (on a machine that kept it).
 """
 import argparse
 import json
@@ -34,6 +34,7 @@ from megatron_qvgen.training.run_control import EXIT_STOPPED  # noqa: E402 - a s
 
 METHODS = ("ptq", "lsq", "qvgen_keep_aux", "qvgen", "decay_all")
 STOP_GRACE_S = 45.0   # for all the runs stopped at the deadline to save; gpu_study.sh keeps 60 s after it
+MIN_START_S = 90.0    # a continued run's set-up plus some steps: less than this left, it waits for the next call
 
 
 def parse_args(argv=None):
@@ -81,9 +82,11 @@ def run_all(args, rest):
     return run_queue(queue, args.jobs, args.deadline_s)
 
 
-def run_queue(queue, jobs: int, deadline=None):
+def run_queue(queue, jobs: int, deadline=None, min_start_s: float = MIN_START_S):
     """Run ``(record path, command)`` pairs, ``jobs`` at once, each logging to its path's .log (appended: a run
     continued from an earlier call keeps that call's log); with a ``deadline`` in seconds see the module docstring.
+    A command with ``--resume-dir`` starts while ``min_start_s`` are left (what it trains is kept for the next
+    call); any other only if the slowest run so far would end in time.
     Returns (failed run names, run names not done). Whatever ends this call, no run is left running."""
     running = []
     failed = []
@@ -108,9 +111,10 @@ def run_queue(queue, jobs: int, deadline=None):
             say(path, f"FAILED (rc {proc.returncode}, see {path.with_suffix('.log')})")
 
     def fits() -> bool:
-        if deadline is None:
+        if deadline is None or not queue:
             return True
-        expected = max(durations) if durations else 0.0
+        resumable = "--resume-dir" in (queue[0][1] or ())
+        expected = min_start_s if resumable else (max(durations) if durations else 0.0)
         return time.perf_counter() - start + expected < deadline
 
     try:
