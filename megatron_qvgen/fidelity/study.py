@@ -137,6 +137,7 @@ def run_study(teacher: str, cfg, method: str, options, spectrum_interval: int = 
     from megatron_qvgen.fidelity.students import MegatronDenoiser, load_teacher, ptq_student
 
     start = time.perf_counter()
+    earlier = 0.0   # seconds of the calls a continued run trained in before this one
     if method == "ptq":
         teacher_model = load_teacher(teacher, cfg)
         student = ptq_student(cfg, teacher_model)
@@ -155,13 +156,13 @@ def run_study(teacher: str, cfg, method: str, options, spectrum_interval: int = 
         record = {"train": {"steps": state.step, "loss": state.losses, "eval_loss": trainer.eval_curve(),
                             "grad_norm": trainer.grad_norms, "aux_rank": trainer.ranks,
                             "spectrum": trainer.spectrum.to_dict() if trainer.spectrum else None,
-                            "seconds": trainer.seconds_before + time.perf_counter() - start}}
-        start -= trainer.seconds_before   # the record's total counts the earlier calls' training too
+                            "seconds": trainer.training_seconds()}}
+        earlier = trainer.seconds_before
     with _stop_signals_ignored():
         result, _, sampler = measure(teacher_model, student, cfg, options, student.device)
     record.update({"method": method, "bits": f"w{cfg.quant.weight_bits}a{cfg.quant.act_bits}",
                    "seed": cfg.train.seed, "sampler": sampler.name, "fidelity": result.results,
-                   "config": cfg.to_dict(), "seconds": time.perf_counter() - start})
+                   "config": cfg.to_dict(), "seconds": earlier + time.perf_counter() - start})
     return record
 
 
@@ -237,7 +238,11 @@ class RecordingTrainer(Trainer):
             "eval_losses": [list(x) for x in self.state.eval_losses], "grad_norms": list(self.grad_norms),
             "ranks": list(self.ranks), "eval_at_start": self.eval_at_start,
             "spectrum": self.spectrum.state_dict() if self.spectrum else None,
-            "seconds": self.seconds_before + time.perf_counter() - self.began}}
+            "seconds": self.training_seconds()}}
+
+    def training_seconds(self) -> float:
+        """Since this run first started, over every call that trained it."""
+        return self.seconds_before + time.perf_counter() - self.began
 
     def _restore_recording(self) -> None:
         saved = self.resumed_extras.get("study_record")
