@@ -59,3 +59,21 @@ def test_a_run_recorded_with_other_settings_is_not_a_repeat(tmp_path):
     with pytest.raises(SystemExit, match="not a repeat of the run in .*c1: they differ in train.lr$"):
         load_script("benchmarks/fidelity/repeat_runs.py").main(["--runs", str(first), str(second), "--out",
                                                                 str(tmp_path / "out")])
+
+
+def test_a_copied_record_is_no_repeat_and_one_measured_otherwise_is_refused(tmp_path, capsys):
+    first = _folder(tmp_path / "c1", 1, ["w3a3_lsq_s0", "w3a3_lsq_s1"])
+    second = _folder(tmp_path / "c2", 1, ["w3a3_lsq_s0"])      # the next call's archive: the same record again
+    shutil.copy(RECORDED / "w3a3_call2/runs/w3a3_lsq_s1.json", second)
+    out = tmp_path / "merged"
+    assert load_script("benchmarks/fidelity/repeat_runs.py").main(
+        ["--runs", str(first), str(second), "--out", str(out)]) == 0
+    assert "w3a3_lsq_s0.json: the record of" in capsys.readouterr().out
+    rows = [line for line in (out / "repeats.md").read_text().splitlines() if line.startswith("| W3A3")]
+    assert len(rows) == 1 and "| 1 |" in rows[0]                 # seed 1 alone was trained twice
+    record = json.loads((second / "w3a3_lsq_s1.json").read_text())
+    record["fidelity"]["samples"] = 8
+    (second / "w3a3_lsq_s1.json").write_text(json.dumps(record))
+    with pytest.raises(SystemExit, match="they differ in fidelity.samples$"):
+        load_script("benchmarks/fidelity/repeat_runs.py").main(["--runs", str(first), str(second), "--out",
+                                                                str(tmp_path / "out2")])

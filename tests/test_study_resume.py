@@ -94,3 +94,40 @@ def test_a_stop_signal_during_the_measurement_is_ignored_then_the_handlers_retur
         assert signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN
     finally:
         signal.signal(signal.SIGUSR1, before)
+
+
+def test_a_checkpoint_of_another_run_or_a_spent_one_is_refused_by_name(teacher_ckpt):
+    from megatron_qvgen.fidelity.study import mark_finished
+
+    root, init = teacher_ckpt
+    save = str(root / "study_other" / "resume")
+    cfg = _cfg(root, "study_other", save_dir=save)
+    run_distributed(_study_run, 1, cfg, init, signal_at=STOP_AT)
+    longer = _cfg(root, "study_other", save_dir=save, steps=STEPS + 4)   # the trainer alone would splice the two
+    with pytest.raises(DistributedTestError, match=r"iter_0000003 is the checkpoint of another run \(it differs in "
+                                                   r"config.train.steps\)"):
+        run_distributed(_study_run, 1, longer, init)
+    assert int(run_distributed(_study_run, 1, cfg, init)[0]["step"]) == STEPS   # its own config continues it
+    mark_finished(save, str(root / "study_other.json"))                        # the record is written
+    with pytest.raises(DistributedTestError, match="resume holds the checkpoint of a run already continued"):
+        run_distributed(_study_run, 1, cfg, init)
+    assert sorted(os.listdir(save)) == ["finished.json", "iter_0000003", "latest"]   # nothing removed
+
+
+def test_the_runner_moves_a_spent_checkpoint_aside_and_starts_the_run_over(tmp_path, monkeypatch):
+    from scripts import load_script
+
+    runner = load_script("benchmarks/fidelity/run_study.py")
+    spent = tmp_path / "out" / "resume" / "w4a4_lsq_s0"
+    spent.mkdir(parents=True)
+    (spent / "finished.json").write_text("{}")
+    (spent / "latest").write_text("iter_0000003")
+    queued = []
+    monkeypatch.setattr(runner, "run_queue", lambda queue, jobs, deadline: (queued.extend(queue), ([], []))[1])
+    args, rest = runner.parse_args(["--teacher", "T", "--recipe", "tiny_wan", "--data", "D", "--out",
+                                    str(tmp_path / "out"), "--methods", "lsq", "--bits", "w4a4", "--seeds", "0"])
+    runner.run_all(args, rest)
+    assert len(queued) == 1 and str(spent) in queued[0][1]
+    assert not spent.exists()
+    moved = list(spent.parent.glob("w4a4_lsq_s0.spent-*"))
+    assert len(moved) == 1 and (moved[0] / "latest").read_text() == "iter_0000003"   # kept, not deleted

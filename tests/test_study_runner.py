@@ -98,3 +98,31 @@ def test_a_run_that_can_continue_starts_while_a_little_time_is_left(tmp_path):
     failed, left = _runner().run_queue(list(queue), jobs=1, deadline=6, min_start_s=1)
     assert failed == [] and left == ["run2", "run1"]
     assert (tmp_path / "run2.log").exists() and not (tmp_path / "run1.log").exists()
+
+
+def test_a_sigterm_to_the_runner_stops_its_runs_first(tmp_path):
+    import os
+    import signal
+    import threading
+
+    runner = _runner()
+    started = []
+    popen = runner.subprocess.Popen
+
+    def recording(*args, **kwargs):
+        started.append(popen(*args, **kwargs))
+        return started[-1]
+
+    runner.subprocess.Popen = recording
+    try:
+        queue = [_on_sigterm(tmp_path, "training", "sys.exit(75)"), *_queue(tmp_path, [30])]
+        threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        before = signal.getsignal(signal.SIGTERM)
+        with pytest.raises(SystemExit) as stop:
+            runner.run_queue(queue, jobs=2)
+        assert stop.value.code == 128 + signal.SIGTERM
+        assert len(started) == 2 and all(p.poll() is not None for p in started)
+        assert started[0].returncode == 75          # the training run had its SIGTERM: it saved and stopped
+        assert signal.getsignal(signal.SIGTERM) == before
+    finally:
+        runner.subprocess.Popen = popen

@@ -226,6 +226,9 @@ def test_nonfinite_losses_are_skipped_then_stop_with_checkpoint_intact(teacher_c
     # skipped steps leave the weights alone, so the checkpoint written during the streak is good
     last = latest_checkpoint(save2)
     assert last is not None and last.endswith("iter_0000006")
+    # the checkpoint keeps the streak (steps 4 and 5): one more non-finite step after resuming is the third
+    with pytest.raises(DistributedTestError, match=r"3 consecutive non-finite losses at step 6 "):
+        run_distributed(_train, 1, cfg2, teacher, nan_steps=(6,))
     resumed = run_distributed(_train, 1, cfg2, teacher)[0]
     assert int(resumed["step"]) == STEPS and bool(torch.isfinite(resumed["losses"]).all())
 

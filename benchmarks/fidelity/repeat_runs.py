@@ -13,7 +13,8 @@ Writes to --out: results.json / results.md (run_study.py's format; where a run i
 folder's record, a rule fixed before looking at the numbers) and repeats.md (each repeated run's sampled rel_l2,
 PSNR, one-step error and final evaluation loss call by call, their spread, and on how many prompts the first
 call's error is below the second's); the plots to --plots (default: --out). Records of one run with other
-settings are refused: they are not repeats.
+settings or measured otherwise are refused: they are not repeats. A record found again unchanged in a later
+folder is a copy (a call's archive holds every record of the study so far) and is left out.
 """
 import argparse
 import json
@@ -44,9 +45,24 @@ def _settings(config):
     return flat
 
 
+def _measured_with(record):
+    """How a record was measured: a repeat is sampled the same way (prompts, sampler steps, sampler)."""
+    f = record["fidelity"]
+    return {"fidelity.samples": f.get("samples"), "fidelity.sampling_steps": f.get("sampling_steps"),
+            "sampler": record.get("sampler")}
+
+
+def _same_record(a, b) -> bool:
+    """The same record copied into two folders (each call's archive holds every record made so far), not a
+    second run: equal in every field, its wall-clock seconds included (which no second run repeats)."""
+    skip = {"recorded_in"}
+    return {k: v for k, v in a.items() if k not in skip} == {k: v for k, v in b.items() if k not in skip}
+
+
 def load_runs(folders):
     """``{(bits, method, seed): [record per folder that holds it, in folder order]}``; a run recorded twice with
-    other settings (learning rate, steps, data, ...) is refused, naming the fields."""
+    other settings (learning rate, steps, data, ...) or measured otherwise (prompts, sampler steps) is refused,
+    naming the fields; a record's exact copy in a later folder is left out (it repeats nothing)."""
     runs = {}
     for folder in folders:
         paths = sorted(Path(folder).glob("*.json"))
@@ -55,11 +71,15 @@ def load_runs(folders):
         for path in paths:
             with open(path) as f:
                 record = json.load(f)
-            settings = _settings(record.pop("config", None))
+            settings = {**_settings(record.pop("config", None)), **_measured_with(record)}
             record["recorded_in"] = str(folder)
             key = (record["bits"], record["method"], record["seed"])
             if key in runs:
                 first, first_settings = runs[key][0]
+                copy_of = next((r for r, _ in runs[key] if _same_record(r, record)), None)
+                if copy_of is not None:
+                    print(f"{path}: the record of {copy_of['recorded_in']} again (a copy, not a repeat): left out")
+                    continue
                 differ = sorted(k for k in settings.keys() | first_settings.keys()
                                 if settings.get(k) != first_settings.get(k))
                 if differ:

@@ -24,13 +24,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 sys.path.insert(0, str(ROOT))
-from megatron_qvgen.training.run_control import EXIT_STOPPED  # noqa: E402 - a study run stopped by a signal
+from megatron_qvgen.training.run_control import EXIT_STOPPED, FINISHED_MARKER  # noqa: E402
 
 METHODS = ("ptq", "lsq", "qvgen_keep_aux", "qvgen", "decay_all")
 STOP_GRACE_S = 45.0   # for all the runs stopped at the deadline to save; gpu_study.sh keeps 60 s after it
@@ -75,11 +76,21 @@ def run_all(args, rest):
                        "--json", str(path), "--samples", str(args.samples), "--sampling-steps",
                        str(args.sampling_steps), "--data.shards", args.data, *rest]
                 if method != "ptq":   # trains: a stop at the deadline saves it, and the next call continues
-                    cmd += ["--resume-dir", str(out / "resume" / path.stem)]
+                    resume = out / "resume" / path.stem
+                    if (resume / FINISHED_MARKER).exists():   # its record was removed: train it again from the start
+                        spent = resume.with_name(f"{resume.name}.spent-{time.strftime('%Y%m%d-%H%M%S')}")
+                        resume.rename(spent)
+                        print(f"{path.stem}: no record, but its checkpoint went on to one: moved to {spent}; "
+                              f"the run starts over", flush=True)
+                    cmd += ["--resume-dir", str(resume)]
                 if args.steps:
                     cmd += ["--train.steps", str(args.steps)]
                 queue.append((path, cmd))
     return run_queue(queue, args.jobs, args.deadline_s)
+
+
+class RunnerStopped(SystemExit):
+    """The runner itself got SIGTERM (exit status 143)."""
 
 
 def run_queue(queue, jobs: int, deadline=None, min_start_s: float = MIN_START_S):
@@ -117,6 +128,11 @@ def run_queue(queue, jobs: int, deadline=None, min_start_s: float = MIN_START_S)
         expected = min_start_s if resumable else (max(durations) if durations else 0.0)
         return time.perf_counter() - start + expected < deadline
 
+    def stop_requested(signum, frame):   # SIGTERM to the runner alone: its runs are stopped as at a deadline
+        raise RunnerStopped(128 + signum)
+
+    previous = (signal.signal(signal.SIGTERM, stop_requested)
+                if threading.current_thread() is threading.main_thread() else None)
     try:
         while (queue and fits()) or running:
             while queue and len(running) < jobs and fits():
@@ -147,11 +163,24 @@ def run_queue(queue, jobs: int, deadline=None, min_start_s: float = MIN_START_S)
                     ended(path, proc, log, stopped=True)
                 running = []
                 break
+    except RunnerStopped:   # each run may save first, as at a deadline
+        for _, proc, _, _ in running:
+            proc.terminate()
+        stop_by = time.perf_counter() + STOP_GRACE_S
+        for _, proc, _, _ in running:
+            try:
+                proc.wait(timeout=max(stop_by - time.perf_counter(), 0.1))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        raise
     finally:
-        for _, proc, log, _ in running:   # an error or Ctrl-C here: no run goes on without the runner
-            proc.kill()
-            proc.wait()
+        for _, proc, log, _ in running:   # whatever ends the runner, no run goes on without it
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
             log.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return failed, [path.stem for path, _ in queue]
 
 

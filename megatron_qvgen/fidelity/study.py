@@ -17,9 +17,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import json
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
@@ -28,7 +30,7 @@ from megatron_qvgen.fidelity.errors import EvaluationError
 from megatron_qvgen.quant.context import quant_context
 from megatron_qvgen.training.evaluation import eval_loss
 from megatron_qvgen.training.loop import Trainer
-from megatron_qvgen.training.run_control import EXIT_STOPPED
+from megatron_qvgen.training.run_control import EXIT_STOPPED, FINISHED_MARKER as FINISHED
 
 SMALL_SV = 0.1   # "small": below this share of the layer's largest singular value at step 0
 
@@ -180,6 +182,26 @@ def _ptq_eval_loss(cfg, teacher_model, student) -> float:
     return eval_loss([student.model], [teacher_model.model], eval_set, gate=1.0)
 
 
+def _flat(tree: Dict, prefix: str = "") -> Dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def mark_finished(resume_dir: str, record_path: str) -> None:
+    """After the record is written: the run's checkpoint (if a stop left one) is spent; a later start of the same
+    run must not continue from it (run_study.py moves such a folder aside)."""
+    folder = Path(resume_dir)
+    if folder.is_dir():
+        tmp = folder / f".{FINISHED}.tmp"
+        tmp.write_text(json.dumps({"record": str(record_path), "time": time.strftime("%Y-%m-%d %H:%M:%S")}))
+        tmp.replace(folder / FINISHED)
+
+
 class RecordingTrainer(Trainer):
     """The project's Trainer, with the values it logs each step captured (log_interval 1, console quiet) and Phi's
     spectrum read between steps; the training loop itself is untouched."""
@@ -193,8 +215,14 @@ class RecordingTrainer(Trainer):
         self.eval_at_start: Optional[float] = None
         self.seconds_before = 0.0      # training time of the calls this run continues
         self.began = time.perf_counter()
+        self.teacher_path = str(Path(init_from).resolve())
 
     def setup(self) -> "RecordingTrainer":
+        finished = Path(self.cfg.train.save_dir or "") / FINISHED
+        if self.cfg.train.save_dir and finished.exists():
+            raise EvaluationError(f"{self.cfg.train.save_dir} holds the checkpoint of a run already continued to its "
+                                  f"record ({finished}): training this run again would start it part-way; move "
+                                  f"the folder away or give another --resume-dir")
         super().setup()
         try:
             if self.run.complete:   # only a stop saves, so this is another run's (another train.steps?)
@@ -234,11 +262,17 @@ class RecordingTrainer(Trainer):
     def checkpoint_extras(self) -> Dict:
         """The curves recorded so far, saved with the checkpoint: a stopped run continues its record."""
         return {"study_record": {
+            "identity": self.identity(),
             "step": self.state.step, "losses": list(self.state.losses),
             "eval_losses": [list(x) for x in self.state.eval_losses], "grad_norms": list(self.grad_norms),
             "ranks": list(self.ranks), "eval_at_start": self.eval_at_start,
             "spectrum": self.spectrum.state_dict() if self.spectrum else None,
             "seconds": self.training_seconds()}}
+
+    def identity(self) -> Dict:
+        """What makes a checkpoint this run's: the whole config (the trainer's own resume check lets steps and
+        most hyper-parameters change, which would splice two runs into one record) and the teacher."""
+        return {"config": json.loads(self.cfg.to_json()), "teacher": self.teacher_path}
 
     def training_seconds(self) -> float:
         """Since this run first started, over every call that trained it."""
@@ -249,6 +283,13 @@ class RecordingTrainer(Trainer):
         if saved is None or saved["step"] != self.state.step or len(saved["ranks"]) != self.state.step:
             raise EvaluationError(f"{self.resumed_from} holds no study record of its step {self.state.step}: it is "
                                   f"not this study's checkpoint; give the run another train.save_dir")
+        saved_identity, identity = saved.get("identity") or {}, self.identity()
+        if saved_identity != identity:
+            differ = sorted(k for k in _flat(saved_identity).keys() | _flat(identity).keys()
+                            if _flat(saved_identity).get(k) != _flat(identity).get(k))
+            raise EvaluationError(f"{self.resumed_from} is the checkpoint of another run (it differs in "
+                                  f"{', '.join(differ[:8]) or 'its identity'}): continuing it would mix two runs "
+                                  f"in one record; move the folder away or give another --resume-dir")
         self.state.losses = list(saved["losses"])
         self.state.eval_losses = [tuple(x) for x in saved["eval_losses"]]
         self.grad_norms, self.ranks = list(saved["grad_norms"]), list(saved["ranks"])
@@ -318,6 +359,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     report.write_json(args.json, record)
+    if args.resume_dir:
+        mark_finished(args.resume_dir, args.json)
     f = record["fidelity"]
     print(f"{args.method} {record['bits']} seed {args.seed}: rel_l2 {f['rel_l2']:.4f} psnr {f['psnr_db']:.2f} dB "
           f"({record['seconds']:.0f} s)")

@@ -116,6 +116,7 @@ class Trainer:
             self.state.step = common["step"]
             extra = common["common"]
             self.state.nonfinite_skipped = extra.get("nonfinite_skipped", 0)
+            self.state.nonfinite_in_a_row = extra.get("nonfinite_in_a_row", 0)   # a stop mid-streak keeps the count
             # another parallel layout: the data position is translated (exact with data.split = global)
             same_layout = tuple(common.get("layout", ())) == (self.info.pp_size, self.info.tp_size, self.info.dp_size)
             self.loader.load_state_dict(extra["data"], strict=same_layout)
@@ -344,7 +345,7 @@ class Trainer:
         began = time.monotonic()
         step = self.state.step
         common = {"data": self.loader.state_dict(), "nonfinite_skipped": self.state.nonfinite_skipped,
-                  "config": self.cfg.to_dict()}
+                  "nonfinite_in_a_row": self.state.nonfinite_in_a_row, "config": self.cfg.to_dict()}
         extras = self.checkpoint_extras()
         if extras:
             common["extras"] = extras

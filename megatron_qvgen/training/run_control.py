@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 EXIT_FINISHED = 0
 EXIT_STOPPED = 75
+FINISHED_MARKER = "finished.json"   # in a study run's checkpoint folder once that run went on to its record
 # Time a rank needs after its last save to leave (flush logs, tear down process groups), in seconds.
 EXIT_MARGIN_S = 60.0
 
