@@ -33,7 +33,8 @@ def test_first_call_wins_the_other_fills_in_and_repeats_are_paired(tmp_path):
     assert sorted(runs) == [("lsq", 0), ("lsq", 1), ("ptq", 0), ("qvgen_keep_aux", 0)]
     assert runs[("lsq", 0)]["fidelity"]["rel_l2"] == _rel_l2(1, "w3a3_lsq_s0")
     assert runs[("qvgen_keep_aux", 0)]["fidelity"]["rel_l2"] == _rel_l2(2, "w3a3_qvgen_keep_aux_s0")
-    rows = [line for line in (out / "repeats.md").read_text().splitlines() if line.startswith("| W3A3")]
+    rows = [line for line in (out / "repeats.md").read_text().splitlines()
+            if line.startswith("| W3A3") and line.count("|") == 11]   # the repeats table, not the pooled one
     assert len(rows) == 2 and "| PTQ only | 0 |" in rows[0]
     spread = abs(_rel_l2(2, "w3a3_lsq_s0") - _rel_l2(1, "w3a3_lsq_s0"))
     assert f"| {spread:.4f} |" in rows[1] and spread > 0.01    # the same seed trained twice on the GPU
@@ -69,7 +70,8 @@ def test_a_copied_record_is_no_repeat_and_one_measured_otherwise_is_refused(tmp_
     assert load_script("benchmarks/fidelity/repeat_runs.py").main(
         ["--runs", str(first), str(second), "--out", str(out)]) == 0
     assert "w3a3_lsq_s0.json: the record of" in capsys.readouterr().out
-    rows = [line for line in (out / "repeats.md").read_text().splitlines() if line.startswith("| W3A3")]
+    rows = [line for line in (out / "repeats.md").read_text().splitlines()
+            if line.startswith("| W3A3") and line.count("|") == 11]   # the repeats table, not the pooled one
     assert len(rows) == 1 and "| 1 |" in rows[0]                 # seed 1 alone was trained twice
     record = json.loads((second / "w3a3_lsq_s1.json").read_text())
     record["fidelity"]["samples"] = 8
@@ -77,3 +79,38 @@ def test_a_copied_record_is_no_repeat_and_one_measured_otherwise_is_refused(tmp_
     with pytest.raises(SystemExit, match="they differ in fidelity.samples$"):
         load_script("benchmarks/fidelity/repeat_runs.py").main(["--runs", str(first), str(second), "--out",
                                                                 str(tmp_path / "out2")])
+
+
+def test_a_field_added_after_a_record_counts_as_what_that_run_did(tmp_path):
+    first = _folder(tmp_path / "c1", 1, ["w3a3_lsq_s1"])
+    second = _folder(tmp_path / "c2", 2, ["w3a3_lsq_s1"])
+    record = json.loads((first / "w3a3_lsq_s1.json").read_text())
+    assert record["config"]["quant"].pop("decay_moments") == "reset"     # as a record from before the field
+    (first / "w3a3_lsq_s1.json").write_text(json.dumps(record))
+    assert load_script("benchmarks/fidelity/repeat_runs.py").main(
+        ["--runs", str(first), str(second), "--out", str(tmp_path / "out")]) == 0
+    other = json.loads((second / "w3a3_lsq_s1.json").read_text())
+    other["config"]["quant"]["decay_moments"] = "keep"
+    (second / "w3a3_lsq_s1.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="they differ in quant.decay_moments$"):
+        load_script("benchmarks/fidelity/repeat_runs.py").main(["--runs", str(first), str(second), "--out",
+                                                                str(tmp_path / "out2")])
+
+
+def test_pooled_trainings_and_their_permutation_p(tmp_path):
+    script = load_script("benchmarks/fidelity/repeat_runs.py")
+    assert script.permutation_p([1, 2, 3], [4, 5, 6]) == pytest.approx(2 / 20)   # the two extreme splits of 20
+    assert script.permutation_p([1, 2], [1, 2]) == 1.0
+    assert 0.2 < script.permutation_p(list(range(12)), list(range(1, 13)), limit=2000) < 1.0   # sampled splits
+    first = _folder(tmp_path / "c1", 1, ["w3a3_lsq_s0", "w3a3_lsq_s1", "w3a3_qvgen_s0", "w3a3_ptq_s0"])
+    second = _folder(tmp_path / "c2", 2, ["w3a3_lsq_s0", "w3a3_qvgen_s0"])
+    out = tmp_path / "merged"
+    assert script.main(["--runs", str(first), str(second), "--out", str(out)]) == 0
+    pooled = [line for line in (out / "repeats.md").read_text().splitlines() if line.count("|") == 7]
+    lsq = [_rel_l2(1, "w3a3_lsq_s0"), _rel_l2(1, "w3a3_lsq_s1"), _rel_l2(2, "w3a3_lsq_s0")]
+    qvgen = [_rel_l2(1, "w3a3_qvgen_s0"), _rel_l2(2, "w3a3_qvgen_s0")]
+    assert any(line.startswith("| W3A3 | LSQ QAT + KD (no Phi) | 3 |") for line in pooled)
+    row = next(line for line in pooled if "rank decay" in line)
+    ratio = sum(qvgen) / 2 / (sum(lsq) / 3)
+    assert f"| 2 | " in row and f"| {ratio:.3f} | {script.permutation_p(qvgen, lsq):.3f} |" in row
+    assert not any("PTQ" in line for line in pooled)          # nothing trained: not pooled

@@ -12,7 +12,8 @@ of one seed differ; how much, measured on the repeats, is the smallest differenc
 Writes to --out: results.json / results.md (run_study.py's format; where a run is in several folders, the first
 folder's record, a rule fixed before looking at the numbers) and repeats.md (each repeated run's sampled rel_l2,
 PSNR, one-step error and final evaluation loss call by call, their spread, and on how many prompts the first
-call's error is below the second's); the plots to --plots (default: --out). Records of one run with other
+call's error is below the second's; then every method's trainings pooled, seeds and repeats alike, against
+--baseline's: mean, ratio and a two-sided permutation p); the plots to --plots (default: --out). Records of one run with other
 settings or measured otherwise are refused: they are not repeats. A record found again unchanged in a later
 folder is a copy (a call's archive holds every record of the study so far) and is left out.
 """
@@ -21,7 +22,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from statistics import mean
+from statistics import mean, stdev
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -33,6 +34,10 @@ NOT_SETTINGS = {"save_dir", "save_interval", "load_dir", "save_interval_minutes"
                 "break_lock", "fully_parallel_save", "async_save", "log_interval", "tensorboard_dir", "image_interval"}
 
 
+# config fields added after runs were recorded, with the value that is what those runs did (commit that added it)
+ADDED_LATER = {"quant.decay_moments": "reset"}   # 5d4767c: moments were always reset at a boundary before
+
+
 def _settings(config):
     """The run's config without the fields that say only where and how it saved and logged (flattened)."""
     flat = {}
@@ -42,6 +47,8 @@ def _settings(config):
                          if not (section == "train" and k in NOT_SETTINGS)})
         else:
             flat[section] = fields
+    for key, value in ADDED_LATER.items():
+        flat.setdefault(key, value)
     return flat
 
 
@@ -124,12 +131,56 @@ def repeats_markdown(runs) -> str:
     return "\n".join(lines)
 
 
+def permutation_p(a, b, limit: int = 20000) -> float:
+    """Two-sided p of the difference of means of ``a`` and ``b`` under exchange of their values: exact over every
+    split up to ``limit`` splits, else over ``limit`` seeded random ones."""
+    import itertools
+    import math
+    import random
+
+    values, n = list(a) + list(b), len(a)
+    observed = abs(mean(a) - mean(b))
+    total = sum(values)
+
+    def extreme(chosen_sum):
+        other = (total - chosen_sum) / (len(values) - n)
+        return abs(chosen_sum / n - other) >= observed - 1e-12
+
+    if math.comb(len(values), n) <= limit:
+        splits = [sum(values[i] for i in idx) for idx in itertools.combinations(range(len(values)), n)]
+    else:
+        rng = random.Random(0)
+        splits = [sum(rng.sample(values, n)) for _ in range(limit)]
+    return sum(map(extreme, splits)) / len(splits)
+
+
+def pooled_markdown(runs, baseline: str) -> str:
+    """Every training of a method pooled (seeds and their repeats alike), against the baseline method's: the
+    question the repeats leave, whether a gap between methods exceeds what training twice moves."""
+    trained = {}
+    for (bits, method, _seed), records in runs.items():
+        if records[0].get("train") is not None:
+            trained.setdefault((bits, method), []).extend(r["fidelity"]["rel_l2"] for r in records)
+    lines = [f"| bits | method | trainings | sampled rel_l2, mean +- std | ratio to {LABELS[baseline]} | "
+             "two-sided permutation p |", "|---|---|---|---|---|---|"]
+    for (bits, method) in sorted(trained, key=lambda k: (k[0], METHOD_ORDER.index(k[1]))):
+        values, base = trained[(bits, method)], trained.get((bits, baseline))
+        spread = f"{mean(values):.4f} +- {stdev(values):.4f}" if len(values) > 1 else f"{values[0]:.4f}"
+        if method == baseline or not base:
+            lines.append(f"| {bits.upper()} | {LABELS[method]} | {len(values)} | {spread} | - | - |")
+            continue
+        lines.append(f"| {bits.upper()} | {LABELS[method]} | {len(values)} | {spread} | "
+                     f"{mean(values) / mean(base):.3f} | {permutation_p(values, base):.3f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", nargs="+", required=True, help="runs folders, in priority order")
     p.add_argument("--out", required=True)
     p.add_argument("--bits", nargs="+", default=None, help="only these bit widths (default: all)")
     p.add_argument("--plots", default=None, help="folder for the PNG plots (default: --out)")
+    p.add_argument("--baseline", default="lsq", help="the method every other's pooled trainings are set against")
     args = p.parse_args(argv)
     runs = load_runs(args.runs)
     if args.bits:
@@ -143,7 +194,7 @@ def main(argv=None) -> int:
     tmp.write_text(json.dumps(results, indent=1))
     os.replace(tmp, out / "results.json")
     (out / "results.md").write_text(summary_markdown(results["summary"]) + "\n")
-    repeats = repeats_markdown(runs)
+    repeats = repeats_markdown(runs) + "\n\n" + pooled_markdown(runs, args.baseline)
     (out / "repeats.md").write_text(repeats + "\n")
     print(summary_markdown(results["summary"]), "\n", repeats, sep="\n")
     for png in write_plots(chosen, Path(args.plots or out)):
