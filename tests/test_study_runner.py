@@ -70,8 +70,8 @@ def test_at_the_deadline_each_run_counts_by_how_it_ended(tmp_path):
     assert (tmp_path / "training.log").read_text().startswith("the earlier call's log\n---")   # appended
 
 
-def test_an_error_in_the_runner_leaves_no_run_going(tmp_path, monkeypatch):
-    runner = _runner()
+def _recording_starts(runner, monkeypatch):
+    """The processes the runner starts, in order."""
     started = []
     popen = runner.subprocess.Popen
 
@@ -79,10 +79,17 @@ def test_an_error_in_the_runner_leaves_no_run_going(tmp_path, monkeypatch):
         started.append(popen(*args, **kwargs))
         return started[-1]
 
+    monkeypatch.setattr(runner.subprocess, "Popen", recording)
+    return started
+
+
+def test_an_error_in_the_runner_leaves_no_run_going(tmp_path, monkeypatch):
+    runner = _runner()
+    started = _recording_starts(runner, monkeypatch)
+
     def interrupted(_seconds):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(runner.subprocess, "Popen", recording)
     monkeypatch.setattr(runner.time, "sleep", interrupted)
     with pytest.raises(KeyboardInterrupt):
         runner.run_queue(_queue(tmp_path, [30, 30]), jobs=2)
@@ -100,29 +107,19 @@ def test_a_run_that_can_continue_starts_while_a_little_time_is_left(tmp_path):
     assert (tmp_path / "run2.log").exists() and not (tmp_path / "run1.log").exists()
 
 
-def test_a_sigterm_to_the_runner_stops_its_runs_first(tmp_path):
+def test_a_sigterm_to_the_runner_stops_its_runs_first(tmp_path, monkeypatch):
     import os
     import signal
     import threading
 
     runner = _runner()
-    started = []
-    popen = runner.subprocess.Popen
-
-    def recording(*args, **kwargs):
-        started.append(popen(*args, **kwargs))
-        return started[-1]
-
-    runner.subprocess.Popen = recording
-    try:
-        queue = [_on_sigterm(tmp_path, "training", "sys.exit(75)"), *_queue(tmp_path, [30])]
-        threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
-        before = signal.getsignal(signal.SIGTERM)
-        with pytest.raises(SystemExit) as stop:
-            runner.run_queue(queue, jobs=2)
-        assert stop.value.code == 128 + signal.SIGTERM
-        assert len(started) == 2 and all(p.poll() is not None for p in started)
-        assert started[0].returncode == 75          # the training run had its SIGTERM: it saved and stopped
-        assert signal.getsignal(signal.SIGTERM) == before
-    finally:
-        runner.subprocess.Popen = popen
+    started = _recording_starts(runner, monkeypatch)
+    queue = [_on_sigterm(tmp_path, "training", "sys.exit(75)"), *_queue(tmp_path, [30])]
+    threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stop:
+        runner.run_queue(queue, jobs=2)
+    assert stop.value.code == 128 + signal.SIGTERM
+    assert len(started) == 2 and all(p.poll() is not None for p in started)
+    assert started[0].returncode == 75          # the training run had its SIGTERM: it saved and stopped
+    assert signal.getsignal(signal.SIGTERM) == before
