@@ -131,3 +131,24 @@ def test_the_runner_moves_a_spent_checkpoint_aside_and_starts_the_run_over(tmp_p
     assert not spent.exists()
     moved = list(spent.parent.glob("w4a4_lsq_s0.spent-*"))
     assert len(moved) == 1 and (moved[0] / "latest").read_text() == "iter_0000003"   # kept, not deleted
+
+
+def _signal_after_training(rank, world, cfg, init_from):
+    from megatron_qvgen.fidelity.pipeline import EvalOptions
+    from megatron_qvgen.fidelity.study import RecordingTrainer, run_study
+
+    release = RecordingTrainer._release
+
+    def release_then_signal(self):   # the deadline's SIGTERM just after training ended, before the measurement
+        release(self)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    RecordingTrainer._release = release_then_signal
+    record = run_study(init_from, cfg, "qvgen", EvalOptions(samples=1, sampling_steps=2, seed=0), 1)
+    return {"steps": torch.tensor(record["train"]["steps"]), "rel_l2": torch.tensor(record["fidelity"]["rel_l2"])}
+
+
+def test_a_stop_signal_between_training_and_measurement_does_not_lose_the_training(teacher_ckpt):
+    root, init = teacher_ckpt
+    out = run_distributed(_signal_after_training, 1, _cfg(root, "study_late_signal"), init)[0]
+    assert int(out["steps"]) == STEPS and float(out["rel_l2"]) > 0

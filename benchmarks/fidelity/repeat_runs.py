@@ -13,9 +13,9 @@ Writes to --out: results.json / results.md (run_study.py's format; where a run i
 folder's record, a rule fixed before looking at the numbers) and repeats.md (each repeated run's sampled rel_l2,
 PSNR, one-step error and final evaluation loss call by call, their spread, and on how many prompts the first
 call's error is below the second's; then every method's trainings pooled, seeds and repeats alike, against
---baseline's: mean, ratio and a two-sided permutation p); the plots to --plots (default: --out). Records of one run with other
-settings or measured otherwise are refused: they are not repeats. A record found again unchanged in a later
-folder is a copy (a call's archive holds every record of the study so far) and is left out.
+--baseline's: mean, ratio and a two-sided permutation p); the plots to --plots (default: --out). Records of one
+run with other settings or measured otherwise are refused: they are not repeats. A record found again unchanged in
+a later folder is a copy (a call's archive holds every record of the study so far) and is left out.
 """
 import argparse
 import json

@@ -117,7 +117,8 @@ def study_config(recipe: str, method: str, bits: str, seed: int, overrides):
 @contextlib.contextmanager
 def _stop_signals_ignored():
     """A trained student is measured to its record (tens of seconds) even when a stop signal comes meanwhile: it
-    has no checkpoint to continue from, and run_study.py's deadline waits that long before it kills (SIGKILL)."""
+    has no checkpoint to continue from, and run_study.py's deadline waits that long before it kills (SIGKILL).
+    The trainer installs its own handlers over these and restores them (SIG_IGN) when it ends."""
     previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     try:
         yield
@@ -133,34 +134,39 @@ class RunStopped(Exception):
 def run_study(teacher: str, cfg, method: str, options, spectrum_interval: int = 5) -> Dict:
     """Train (unless ptq) and measure; returns the record (collective over the one-process group).
 
-    With ``cfg.train.save_dir`` (``--resume-dir``) a stop signal during training saves the run, curves recorded so far included, and raises RunStopped; the next call with the same folder continues it to
-    the record an uninterrupted run writes. A signal during the measurement waits for the record."""
+    With ``cfg.train.save_dir`` (``--resume-dir``) a stop signal during training saves the run, curves recorded so
+    far included, and raises RunStopped; the next call with the same folder continues it to the record an
+    uninterrupted run writes. A signal after the training (during the measurement) waits for the record."""
     from megatron_qvgen.fidelity.pipeline import measure
     from megatron_qvgen.fidelity.students import MegatronDenoiser, load_teacher, ptq_student
 
     start = time.perf_counter()
     earlier = 0.0   # seconds of the calls a continued run trained in before this one
-    if method == "ptq":
-        teacher_model = load_teacher(teacher, cfg)
-        student = ptq_student(cfg, teacher_model)
-        record: Dict = {"train": None, "eval_loss_ptq": _ptq_eval_loss(cfg, teacher_model, student)}
-    else:
-        trainer = RecordingTrainer(cfg, init_from=teacher, spectrum_interval=spectrum_interval).setup()
-        state = trainer.train()
-        if state.step < cfg.train.steps:   # a signal stopped it: no record of a shorter run
-            where = (f"saved to {state.outcome.checkpoint}: the same command continues it" if state.outcome.checkpoint
-                     else "nothing saved: the same command starts it over")
-            raise RunStopped(f"training stopped at step {state.step} of {cfg.train.steps}; {where}")
-        gate = trainer.schedule.gate_at(max(state.step - 1, 0))
-        raw = getattr(trainer.opt.chunks[0], "module", trainer.opt.chunks[0])
-        student = MegatronDenoiser(raw, trainer.dtype, cfg.quant.num_timestep_groups, gate=gate)
-        teacher_model = MegatronDenoiser(trainer.teacher[0], trainer.dtype, None)
-        record = {"train": {"steps": state.step, "loss": state.losses, "eval_loss": trainer.eval_curve(),
-                            "grad_norm": trainer.grad_norms, "aux_rank": trainer.ranks,
-                            "spectrum": trainer.spectrum.to_dict() if trainer.spectrum else None,
-                            "seconds": trainer.training_seconds()}}
-        earlier = trainer.seconds_before
+    # Stop signals are ignored from here to the record except while the trainer's own handlers are installed
+    # (set-up and training: it saves and stops), which give back SIG_IGN when it ends: a signal that comes
+    # between the end of training and the measurement cannot lose a finished training.
     with _stop_signals_ignored():
+        if method == "ptq":
+            teacher_model = load_teacher(teacher, cfg)
+            student = ptq_student(cfg, teacher_model)
+            record: Dict = {"train": None, "eval_loss_ptq": _ptq_eval_loss(cfg, teacher_model, student)}
+        else:
+            trainer = RecordingTrainer(cfg, init_from=teacher, spectrum_interval=spectrum_interval).setup()
+            state = trainer.train()
+            if state.step < cfg.train.steps:   # a signal stopped it: no record of a shorter run
+                saved = state.outcome.checkpoint
+                where = (f"saved to {saved}: the same command continues it" if saved
+                         else "nothing saved: the same command starts it over")
+                raise RunStopped(f"training stopped at step {state.step} of {cfg.train.steps}; {where}")
+            gate = trainer.schedule.gate_at(max(state.step - 1, 0))
+            raw = getattr(trainer.opt.chunks[0], "module", trainer.opt.chunks[0])
+            student = MegatronDenoiser(raw, trainer.dtype, cfg.quant.num_timestep_groups, gate=gate)
+            teacher_model = MegatronDenoiser(trainer.teacher[0], trainer.dtype, None)
+            record = {"train": {"steps": state.step, "loss": state.losses, "eval_loss": trainer.eval_curve(),
+                                "grad_norm": trainer.grad_norms, "aux_rank": trainer.ranks,
+                                "spectrum": trainer.spectrum.to_dict() if trainer.spectrum else None,
+                                "seconds": trainer.training_seconds()}}
+            earlier = trainer.seconds_before
         result, _, sampler = measure(teacher_model, student, cfg, options, student.device)
     record.update({"method": method, "bits": f"w{cfg.quant.weight_bits}a{cfg.quant.act_bits}",
                    "seed": cfg.train.seed, "sampler": sampler.name, "fidelity": result.results,
