@@ -14,11 +14,17 @@ from test_trainer import teacher_ckpt, tiny_cfg  # noqa: F401 - teacher_ckpt: th
 STEPS, STOP_AT = 8, 2    # rank 4 -> 2 -> 1 -> 0 over steps 1-4 (decay_phase_steps 1): the stop is mid-decay
 
 
-def _study_run(rank, world, cfg, init_from, signal_at=None, plain=False):
+def _study_run(rank, world, cfg, init_from, signal_at=None, plain=False, legacy=False):
     from megatron_qvgen.fidelity.study import RecordingTrainer
     from megatron_qvgen.training.loop import Trainer
 
-    base = Trainer if plain else RecordingTrainer
+    class Legacy(RecordingTrainer):   # a study checkpoint as saved before it recorded which run it is
+        def checkpoint_extras(self):
+            extras = super().checkpoint_extras()
+            del extras["study_record"]["identity"]
+            return extras
+
+    base = Trainer if plain else Legacy if legacy else RecordingTrainer
 
     class Signalled(base):
         def _one_step(self, num_micro):
@@ -112,6 +118,10 @@ def test_a_checkpoint_of_another_run_or_a_spent_one_is_refused_by_name(teacher_c
     with pytest.raises(DistributedTestError, match="resume holds the checkpoint of a run already continued"):
         run_distributed(_study_run, 1, cfg, init)
     assert sorted(os.listdir(save)) == ["finished.json", "iter_0000003", "latest"]   # nothing removed
+    older = _cfg(root, "study_older", save_dir=str(root / "study_older" / "resume"))
+    run_distributed(_study_run, 1, older, init, signal_at=STOP_AT, legacy=True)
+    with pytest.raises(DistributedTestError, match="iter_0000003 does not say which run it is"):
+        run_distributed(_study_run, 1, older, init)
 
 
 def test_the_runner_moves_a_spent_checkpoint_aside_and_starts_the_run_over(tmp_path, monkeypatch):

@@ -289,7 +289,10 @@ class RecordingTrainer(Trainer):
         if saved is None or saved["step"] != self.state.step or len(saved["ranks"]) != self.state.step:
             raise EvaluationError(f"{self.resumed_from} holds no study record of its step {self.state.step}: it is "
                                   f"not this study's checkpoint; give the run another train.save_dir")
-        saved_identity, identity = saved.get("identity") or {}, self.identity()
+        saved_identity, identity = saved.get("identity"), self.identity()
+        if saved_identity is None:
+            raise EvaluationError(f"{self.resumed_from} does not say which run it is (saved before study checkpoints "
+                                  f"recorded their config and teacher): move the folder away to train the run anew")
         if saved_identity != identity:
             differ = sorted(k for k in _flat(saved_identity).keys() | _flat(identity).keys()
                             if _flat(saved_identity).get(k) != _flat(identity).get(k))
