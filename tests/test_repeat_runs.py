@@ -102,15 +102,19 @@ def test_pooled_trainings_and_their_permutation_p(tmp_path):
     assert script.permutation_p([1, 2, 3], [4, 5, 6]) == pytest.approx(2 / 20)   # the two extreme splits of 20
     assert script.permutation_p([1, 2], [1, 2]) == 1.0
     assert 0.2 < script.permutation_p(list(range(12)), list(range(1, 13)), limit=2000) < 1.0   # sampled splits
+    assert script.permutation_p([0.0] * 8, [1.0] * 8, limit=100) == pytest.approx(1 / 101)   # never 0 when sampled
+    # labels exchanged within a seed: of the 4 splits, the observed one and its mirror are as far apart
+    assert script.within_seed_permutation_p([([1.0], [2.0]), ([3.0], [4.0])]) == pytest.approx(0.5)
     first = _folder(tmp_path / "c1", 1, ["w3a3_lsq_s0", "w3a3_lsq_s1", "w3a3_qvgen_s0", "w3a3_ptq_s0"])
     second = _folder(tmp_path / "c2", 2, ["w3a3_lsq_s0", "w3a3_qvgen_s0"])
     out = tmp_path / "merged"
     assert script.main(["--runs", str(first), str(second), "--out", str(out)]) == 0
-    pooled = [line for line in (out / "repeats.md").read_text().splitlines() if line.count("|") == 7]
+    pooled = [line for line in (out / "repeats.md").read_text().splitlines() if line.count("|") == 8]
     lsq = [_rel_l2(1, "w3a3_lsq_s0"), _rel_l2(1, "w3a3_lsq_s1"), _rel_l2(2, "w3a3_lsq_s0")]
     qvgen = [_rel_l2(1, "w3a3_qvgen_s0"), _rel_l2(2, "w3a3_qvgen_s0")]
     assert any(line.startswith("| W3A3 | LSQ QAT + KD (no Phi) | 3 |") for line in pooled)
     row = next(line for line in pooled if "rank decay" in line)
     ratio = sum(qvgen) / 2 / (sum(lsq) / 3)
-    assert f"| 2 | " in row and f"| {ratio:.3f} | {script.permutation_p(qvgen, lsq):.3f} |" in row
+    # '-' within seeds: LSQ's seed 1 has no rank-decay twin
+    assert f"| 2 | " in row and f"| {ratio:.3f} | {script.permutation_p(qvgen, lsq):.3f} | - |" in row
     assert not any("PTQ" in line for line in pooled)          # nothing trained: not pooled

@@ -162,3 +162,26 @@ def test_a_stop_signal_between_training_and_measurement_does_not_lose_the_traini
     root, init = teacher_ckpt
     out = run_distributed(_signal_after_training, 1, _cfg(root, "study_late_signal"), init)[0]
     assert int(out["steps"]) == STEPS and float(out["rel_l2"]) > 0
+
+
+def test_a_stop_signal_while_the_record_is_written_does_not_lose_it(tmp_path, monkeypatch):
+    import json
+
+    import megatron_qvgen.fidelity.session as session
+    import megatron_qvgen.fidelity.study as study
+
+    def killed(*_):
+        raise RuntimeError("the stop signal reached the run before its record was written")
+
+    record = {"fidelity": {"rel_l2": 0.1, "psnr_db": 20.0}, "bits": "w4a4", "seconds": 1.0}
+    monkeypatch.setattr(session, "open_single_process", lambda seed: None)
+    monkeypatch.setattr(session, "close_single_process", lambda: os.kill(os.getpid(), signal.SIGTERM))
+    monkeypatch.setattr(study, "run_study", lambda *args: dict(record))
+    before = signal.signal(signal.SIGTERM, killed)   # the default would end pytest itself
+    try:
+        out = tmp_path / "run.json"
+        assert study.main(["--teacher", "T", "--recipe", "tiny_wan", "--method", "lsq", "--json", str(out)]) == 0
+        assert json.loads(out.read_text())["fidelity"]["rel_l2"] == 0.1
+        assert signal.getsignal(signal.SIGTERM) is killed   # handed back once the record is on disk
+    finally:
+        signal.signal(signal.SIGTERM, before)

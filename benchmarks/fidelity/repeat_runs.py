@@ -13,9 +13,10 @@ Writes to --out: results.json / results.md (run_study.py's format; where a run i
 folder's record, a rule fixed before looking at the numbers) and repeats.md (each repeated run's sampled rel_l2,
 PSNR, one-step error and final evaluation loss call by call, their spread, and on how many prompts the first
 call's error is below the second's; then every method's trainings pooled, seeds and repeats alike, against
---baseline's: mean, ratio and a two-sided permutation p); the plots to --plots (default: --out). Records of one
-run with other settings or measured otherwise are refused: they are not repeats. A record found again unchanged in
-a later folder is a copy (a call's archive holds every record of the study so far) and is left out.
+--baseline's: mean, ratio and two-sided permutation p, over all trainings and with labels exchanged only within a
+seed); the plots to --plots (default: --out). Records of one run with other settings or measured otherwise are
+refused: they are not repeats. A record found again unchanged in a later folder is a copy (a call's archive holds
+every record of the study so far) and is left out.
 """
 import argparse
 import json
@@ -148,29 +149,59 @@ def permutation_p(a, b, limit: int = 20000) -> float:
 
     if math.comb(len(values), n) <= limit:
         splits = [sum(values[i] for i in idx) for idx in itertools.combinations(range(len(values)), n)]
-    else:
-        rng = random.Random(0)
-        splits = [sum(rng.sample(values, n)) for _ in range(limit)]
-    return sum(map(extreme, splits)) / len(splits)
+        return sum(map(extreme, splits)) / len(splits)
+    rng = random.Random(0)   # sampled: the observed split counts once, so p is never 0
+    return (1 + sum(extreme(sum(rng.sample(values, n))) for _ in range(limit))) / (limit + 1)
+
+
+def within_seed_permutation_p(pairs, limit: int = 20000) -> float:
+    """As :func:`permutation_p`, but method labels are exchanged only among trainings of the same seed (``pairs``:
+    one ``(values of a, values of b)`` per seed): repeats of one seed are not independent of each other."""
+    import itertools
+    import math
+    import random
+
+    a_all = [x for a, _ in pairs for x in a]
+    b_all = [x for _, b in pairs for x in b]
+    observed = abs(mean(a_all) - mean(b_all))
+    total, n_a, n_b = sum(a_all) + sum(b_all), len(a_all), len(b_all)
+    per_seed = [(list(a) + list(b), len(a)) for a, b in pairs]
+
+    def extreme(a_sum):
+        return abs(a_sum / n_a - (total - a_sum) / n_b) >= observed - 1e-12
+
+    if math.prod(math.comb(len(v), k) for v, k in per_seed) <= limit:
+        choices = [[sum(v[i] for i in idx) for idx in itertools.combinations(range(len(v)), k)] for v, k in per_seed]
+        sums = [sum(c) for c in itertools.product(*choices)]
+        return sum(map(extreme, sums)) / len(sums)
+    rng = random.Random(0)
+    hits = sum(extreme(sum(sum(rng.sample(v, k)) for v, k in per_seed)) for _ in range(limit))
+    return (1 + hits) / (limit + 1)
 
 
 def pooled_markdown(runs, baseline: str) -> str:
     """Every training of a method pooled (seeds and their repeats alike), against the baseline method's: the
     question the repeats leave, whether a gap between methods exceeds what training twice moves."""
-    trained = {}
-    for (bits, method, _seed), records in runs.items():
+    trained, by_seed = {}, {}
+    for (bits, method, seed), records in runs.items():
         if records[0].get("train") is not None:
-            trained.setdefault((bits, method), []).extend(r["fidelity"]["rel_l2"] for r in records)
+            values = [r["fidelity"]["rel_l2"] for r in records]
+            trained.setdefault((bits, method), []).extend(values)
+            by_seed.setdefault((bits, method), {})[seed] = values
     lines = [f"| bits | method | trainings | sampled rel_l2, mean +- std | ratio to {LABELS[baseline]} | "
-             "two-sided permutation p |", "|---|---|---|---|---|---|"]
+             "two-sided permutation p | p, labels exchanged within a seed |", "|---|---|---|---|---|---|---|"]
     for (bits, method) in sorted(trained, key=lambda k: (k[0], METHOD_ORDER.index(k[1]))):
         values, base = trained[(bits, method)], trained.get((bits, baseline))
         spread = f"{mean(values):.4f} +- {stdev(values):.4f}" if len(values) > 1 else f"{values[0]:.4f}"
         if method == baseline or not base:
-            lines.append(f"| {bits.upper()} | {LABELS[method]} | {len(values)} | {spread} | - | - |")
+            lines.append(f"| {bits.upper()} | {LABELS[method]} | {len(values)} | {spread} | - | - | - |")
             continue
+        mine, theirs = by_seed[(bits, method)], by_seed[(bits, baseline)]
+        within = (within_seed_permutation_p([(mine[seed], theirs[seed]) for seed in sorted(mine)])
+                  if mine.keys() == theirs.keys() else None)   # needs both methods at the same seeds
         lines.append(f"| {bits.upper()} | {LABELS[method]} | {len(values)} | {spread} | "
-                     f"{mean(values) / mean(base):.3f} | {permutation_p(values, base):.3f} |")
+                     f"{mean(values) / mean(base):.3f} | {permutation_p(values, base):.3f} | "
+                     f"{'-' if within is None else format(within, '.3f')} |")
     return "\n".join(lines)
 
 

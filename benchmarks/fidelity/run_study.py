@@ -128,14 +128,16 @@ def run_queue(queue, jobs: int, deadline=None, min_start_s: float = MIN_START_S)
         expected = min_start_s if resumable else (max(durations) if durations else 0.0)
         return time.perf_counter() - start + expected < deadline
 
-    def stop_requested(signum, frame):   # SIGTERM to the runner alone: its runs are stopped as at a deadline
-        raise RunnerStopped(128 + signum)
+    stop = []    # SIGTERM to the runner itself: its runs are stopped as at a deadline, then it exits 143
+
+    def stop_requested(signum, frame):   # only a flag: a run being started is never left out of ``running``
+        stop.append(signum)
 
     previous = (signal.signal(signal.SIGTERM, stop_requested)
                 if threading.current_thread() is threading.main_thread() else None)
     try:
-        while (queue and fits()) or running:
-            while queue and len(running) < jobs and fits():
+        while (queue and fits() and not stop) or running:
+            while queue and len(running) < jobs and fits() and not stop:
                 path, cmd = queue.pop(0)
                 log = open(path.with_suffix(".log"), "a")
                 log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(map(str, cmd))}\n")
@@ -150,7 +152,7 @@ def run_queue(queue, jobs: int, deadline=None, min_start_s: float = MIN_START_S)
                 running.remove(item)
                 durations.append(time.perf_counter() - began)
                 ended(path, proc, log)
-            if deadline is not None and time.perf_counter() - start >= deadline:
+            if stop or (deadline is not None and time.perf_counter() - start >= deadline):
                 for _, proc, _, _ in running:
                     proc.terminate()   # the trainer's SIGTERM handling saves at the end of its step, then stops
                 stop_by = time.perf_counter() + STOP_GRACE_S
@@ -163,16 +165,6 @@ def run_queue(queue, jobs: int, deadline=None, min_start_s: float = MIN_START_S)
                     ended(path, proc, log, stopped=True)
                 running = []
                 break
-    except RunnerStopped:   # each run may save first, as at a deadline
-        for _, proc, _, _ in running:
-            proc.terminate()
-        stop_by = time.perf_counter() + STOP_GRACE_S
-        for _, proc, _, _ in running:
-            try:
-                proc.wait(timeout=max(stop_by - time.perf_counter(), 0.1))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        raise
     finally:
         for _, proc, log, _ in running:   # whatever ends the runner, no run goes on without it
             if proc.poll() is None:
@@ -181,6 +173,8 @@ def run_queue(queue, jobs: int, deadline=None, min_start_s: float = MIN_START_S)
             log.close()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+    if stop:
+        raise RunnerStopped(128 + stop[0])
     return failed, [path.stem for path, _ in queue]
 
 

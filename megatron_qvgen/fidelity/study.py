@@ -356,20 +356,21 @@ def main(argv: Optional[List[str]] = None) -> int:
             cfg = dataclasses.replace(cfg, train=dataclasses.replace(
                 cfg.train, save_dir=args.resume_dir, save_interval=0, save_interval_minutes=0.0, keep_last=1))
         options = EvalOptions(samples=args.samples, sampling_steps=args.sampling_steps, seed=0)
-        open_single_process(seed=args.seed)
-        try:
-            record = run_study(args.teacher, cfg, args.method, options, args.spectrum_interval)
-        finally:
-            close_single_process()
+        with _stop_signals_ignored():   # to the record on disk (the trainer's own handlers excepted, run_study)
+            open_single_process(seed=args.seed)
+            try:
+                record = run_study(args.teacher, cfg, args.method, options, args.spectrum_interval)
+            finally:
+                close_single_process()
+            report.write_json(args.json, record)
+            if args.resume_dir:
+                mark_finished(args.resume_dir, args.json)
     except RunStopped as exc:
         print(f"stopped: {exc}", file=sys.stderr)
         return EXIT_STOPPED
     except (EvaluationError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    report.write_json(args.json, record)
-    if args.resume_dir:
-        mark_finished(args.resume_dir, args.json)
     f = record["fidelity"]
     print(f"{args.method} {record['bits']} seed {args.seed}: rel_l2 {f['rel_l2']:.4f} psnr {f['psnr_db']:.2f} dB "
           f"({record['seconds']:.0f} s)")
