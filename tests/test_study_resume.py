@@ -21,7 +21,7 @@ def _study_run(rank, world, cfg, init_from, signal_at=None, plain=False, legacy=
     class Legacy(RecordingTrainer):   # a study checkpoint as saved before it recorded which run it is
         def checkpoint_extras(self):
             extras = super().checkpoint_extras()
-            del extras["study_record"]["identity"]
+            del extras["study_record"]["teacher"]
             return extras
 
     base = Trainer if plain else Legacy if legacy else RecordingTrainer
@@ -111,7 +111,7 @@ def test_a_checkpoint_of_another_run_or_a_spent_one_is_refused_by_name(teacher_c
     run_distributed(_study_run, 1, cfg, init, signal_at=STOP_AT)
     longer = _cfg(root, "study_other", save_dir=save, steps=STEPS + 4)   # the trainer alone would splice the two
     with pytest.raises(DistributedTestError, match=r"iter_0000003 is the checkpoint of another run \(it differs in "
-                                                   r"config.train.steps\)"):
+                                                   r"train.steps\)"):
         run_distributed(_study_run, 1, longer, init)
     assert int(run_distributed(_study_run, 1, cfg, init)[0]["step"]) == STEPS   # its own config continues it
     mark_finished(save, str(root / "study_other.json"))                        # the record is written

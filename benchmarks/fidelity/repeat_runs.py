@@ -29,6 +29,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from plots import LABELS, METHOD_ORDER, final_eval_loss, summary_markdown, summary_rows, write_plots  # noqa: E402
 
+sys.path.insert(0, str(HERE.parent.parent))
+from megatron_qvgen.training.run_config_check import flatten_config  # noqa: E402
+
 
 # where and how a run saves and logs: these may differ between calls of one study
 NOT_SETTINGS = {"save_dir", "save_interval", "load_dir", "save_interval_minutes", "exit_after_minutes", "keep_last",
@@ -41,13 +44,8 @@ ADDED_LATER = {"quant.decay_moments": "reset"}   # 5d4767c: moments were always 
 
 def _settings(config):
     """The run's config without the fields that say only where and how it saved and logged (flattened)."""
-    flat = {}
-    for section, fields in (config or {}).items():
-        if isinstance(fields, dict):
-            flat.update({f"{section}.{k}": v for k, v in fields.items()
-                         if not (section == "train" and k in NOT_SETTINGS)})
-        else:
-            flat[section] = fields
+    flat = {k: v for k, v in flatten_config(config or {}).items()
+            if not (k.startswith("train.") and k[len("train."):] in NOT_SETTINGS)}
     for key, value in ADDED_LATER.items():
         flat.setdefault(key, value)
     return flat

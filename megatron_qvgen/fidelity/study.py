@@ -30,6 +30,7 @@ from megatron_qvgen.fidelity.errors import EvaluationError
 from megatron_qvgen.quant.context import quant_context
 from megatron_qvgen.training.evaluation import eval_loss
 from megatron_qvgen.training.loop import Trainer
+from megatron_qvgen.training.run_config_check import flatten_config
 from megatron_qvgen.training.run_control import EXIT_STOPPED, FINISHED_MARKER as FINISHED
 
 SMALL_SV = 0.1   # "small": below this share of the layer's largest singular value at step 0
@@ -188,16 +189,6 @@ def _ptq_eval_loss(cfg, teacher_model, student) -> float:
     return eval_loss([student.model], [teacher_model.model], eval_set, gate=1.0)
 
 
-def _flat(tree: Dict, prefix: str = "") -> Dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def mark_finished(resume_dir: str, record_path: str) -> None:
     """After the record is written: the run's checkpoint (if a stop left one) is spent; a later start of the same
     run must not continue from it (run_study.py moves such a folder aside)."""
@@ -268,17 +259,12 @@ class RecordingTrainer(Trainer):
     def checkpoint_extras(self) -> Dict:
         """The curves recorded so far, saved with the checkpoint: a stopped run continues its record."""
         return {"study_record": {
-            "identity": self.identity(),
+            "teacher": self.teacher_path,   # the config is in the checkpoint already (Trainer.save)
             "step": self.state.step, "losses": list(self.state.losses),
             "eval_losses": [list(x) for x in self.state.eval_losses], "grad_norms": list(self.grad_norms),
             "ranks": list(self.ranks), "eval_at_start": self.eval_at_start,
             "spectrum": self.spectrum.state_dict() if self.spectrum else None,
             "seconds": self.training_seconds()}}
-
-    def identity(self) -> Dict:
-        """What makes a checkpoint this run's: the whole config (the trainer's own resume check lets steps and
-        most hyper-parameters change, which would splice two runs into one record) and the teacher."""
-        return {"config": json.loads(self.cfg.to_json()), "teacher": self.teacher_path}
 
     def training_seconds(self) -> float:
         """Since this run first started, over every call that trained it."""
@@ -289,16 +275,18 @@ class RecordingTrainer(Trainer):
         if saved is None or saved["step"] != self.state.step or len(saved["ranks"]) != self.state.step:
             raise EvaluationError(f"{self.resumed_from} holds no study record of its step {self.state.step}: it is "
                                   f"not this study's checkpoint; give the run another train.save_dir")
-        saved_identity, identity = saved.get("identity"), self.identity()
-        if saved_identity is None:
+        # The whole config and the teacher make a checkpoint this run's: the trainer's own resume check lets steps
+        # and most hyper-parameters change, which here would splice two runs into one record.
+        if saved.get("teacher") is None or self.resumed_config is None:
             raise EvaluationError(f"{self.resumed_from} does not say which run it is (saved before study checkpoints "
-                                  f"recorded their config and teacher): move the folder away to train the run anew")
-        if saved_identity != identity:
-            differ = sorted(k for k in _flat(saved_identity).keys() | _flat(identity).keys()
-                            if _flat(saved_identity).get(k) != _flat(identity).get(k))
+                                  f"recorded their teacher): move the folder away to train the run anew")
+        stored = {**flatten_config(self.resumed_config), "teacher": saved["teacher"]}
+        current = {**flatten_config(self.cfg.to_dict()), "teacher": self.teacher_path}
+        differ = sorted(k for k in stored.keys() | current.keys() if stored.get(k) != current.get(k))
+        if differ:
             raise EvaluationError(f"{self.resumed_from} is the checkpoint of another run (it differs in "
-                                  f"{', '.join(differ[:8]) or 'its identity'}): continuing it would mix two runs "
-                                  f"in one record; move the folder away or give another --resume-dir")
+                                  f"{', '.join(differ[:8])}): continuing it would mix two runs in one record; "
+                                  f"move the folder away or give another --resume-dir")
         self.state.losses = list(saved["losses"])
         self.state.eval_losses = [tuple(x) for x in saved["eval_losses"]]
         self.grad_norms, self.ranks = list(saved["grad_norms"]), list(saved["ranks"])

@@ -121,11 +121,13 @@ class Trainer:
             same_layout = tuple(common.get("layout", ())) == (self.info.pp_size, self.info.tp_size, self.info.dp_size)
             self.loader.load_state_dict(extra["data"], strict=same_layout)
             self.resumed_from = resume
+            self.resumed_config = extra.get("config")     # the run config the checkpoint was saved with
             self.resumed_extras = extra.get("extras", {})
         else:
             initialize_quantizers(self.student)   # PTQ: clip search + auxiliary SVD
             self.opt = build_optimization(self.student, cfg)
             self.resumed_from = None
+            self.resumed_config = None
             self.resumed_extras = {}
         self.saved_step = self.state.step if self.run.own else None   # the newest step already on disk
         self._wire_grad_finalisation()

@@ -53,12 +53,14 @@ class ResumePlan:
     notes: List[str] = field(default_factory=list)   # what carries over differently, for the log
 
 
-def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+def flatten_config(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """A config dict (``cfg.to_dict()``, or as stored in a checkpoint or a JSON record) as ``{"section.field":
+    value}``, tuples as lists, so that configs from any of those compare equal field by field."""
     out = {}
     for key, value in d.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
-            out.update(_flatten(value, name + "."))
+            out.update(flatten_config(value, name + "."))
         else:
             out[name] = list(value) if isinstance(value, tuple) else value
     return out
@@ -74,7 +76,7 @@ def changed_fixed_fields(stored: Dict[str, Any], cfg: ExperimentConfig, also: Tu
                          ) -> Dict[str, tuple]:
     """``{field: (checkpoint value, new value)}`` for every fixed field (and every field named in ``also``) that
     differs (fields known to both)."""
-    old, new = _flatten(stored), _flatten(cfg.to_dict())
+    old, new = flatten_config(stored), flatten_config(cfg.to_dict())
     return {k: (old[k], new[k]) for k in sorted(old.keys() & new.keys())
             if (_is_fixed(k) or k in also) and old[k] != new[k]}
 
