@@ -132,29 +132,15 @@ def repeats_markdown(runs) -> str:
 
 def permutation_p(a, b, limit: int = 20000) -> float:
     """Two-sided p of the difference of means of ``a`` and ``b`` under exchange of their values: exact over every
-    split up to ``limit`` splits, else over ``limit`` seeded random ones."""
-    import itertools
-    import math
-    import random
-
-    values, n = list(a) + list(b), len(a)
-    observed = abs(mean(a) - mean(b))
-    total = sum(values)
-
-    def extreme(chosen_sum):
-        other = (total - chosen_sum) / (len(values) - n)
-        return abs(chosen_sum / n - other) >= observed - 1e-12
-
-    if math.comb(len(values), n) <= limit:
-        splits = [sum(values[i] for i in idx) for idx in itertools.combinations(range(len(values)), n)]
-        return sum(map(extreme, splits)) / len(splits)
-    rng = random.Random(0)   # sampled: the observed split counts once, so p is never 0
-    return (1 + sum(extreme(sum(rng.sample(values, n))) for _ in range(limit))) / (limit + 1)
+    split up to ``limit`` splits, else over ``limit`` seeded random ones (the observed split counted once)."""
+    return within_seed_permutation_p([(a, b)], limit)
 
 
 def within_seed_permutation_p(pairs, limit: int = 20000) -> float:
-    """As :func:`permutation_p`, but method labels are exchanged only among trainings of the same seed (``pairs``:
-    one ``(values of a, values of b)`` per seed): repeats of one seed are not independent of each other."""
+    """Two-sided p of the difference of the means of all a and all b, with labels exchanged only among the values
+    of one seed (``pairs``: one ``(values of a, values of b)`` per seed; repeats of one seed are not independent of
+    each other). Exact up to ``limit`` splits, else ``limit`` seeded random ones (the observed split counted once,
+    so p is never 0)."""
     import itertools
     import math
     import random
