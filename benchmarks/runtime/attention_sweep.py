@@ -24,3 +24,6 @@ GLUON_SWEEP = [(64, 128, 4, 2, "fp8", False, False, "gluon"), (64, 128, 4, 3, "f
                (64, 128, 4, 2, "fp8", False, True, "gluon"), (128, 128, 8, 2, "fp8", False, True, "gluon"),
                (128, 128, 8, 2, "fp8", True, False, "gluon"), (128, 128, 8, 3, "fp8", True, False, "gluon")]
 # the last two: attention_gluon_ws (a producer warp, each 64-row warp group a partition of its own)
+# The fastest Gluon row per head dim of the H100 sweep (2026-12-05, RESULTS.md): 64 rows with a ring of 3 (d = 64),
+# warp-specialized with a ring of 3 (d = 128). ``--gluon-shortlist`` sweeps only these before the whole-model columns.
+GLUON_SHORTLIST = [GLUON_SWEEP[1], GLUON_SWEEP[7]]

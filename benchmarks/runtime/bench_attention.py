@@ -11,7 +11,7 @@ import torch
 from columns import DEVICE, time_calls
 from quality import attention_quality, cosine
 
-from attention_sweep import GLUON_SWEEP, SWEEP_SHAPES, SWEEPS, TINY_SWEEPS
+from attention_sweep import GLUON_SHORTLIST, GLUON_SWEEP, SWEEP_SHAPES, SWEEPS, TINY_SWEEPS
 from qvgen_kernels.attention import sdpa
 
 
@@ -57,9 +57,9 @@ def bench_attention(out: dict, tiny: bool, save):
         q = k = v = None        # frees them (not ``del``: pyflakes reads the lambdas above as using deleted names)
 
 
-def bench_attention_sweep(out: dict, tiny: bool, save, gluon: bool = False):
+def bench_attention_sweep(out: dict, tiny: bool, save, gluon: bool = False, shortlist: bool = False):
     """The kernel alone at every tile shape and key-loop schedule of SWEEPS (``gluon``: the rows of GLUON_SWEEP), at
-    the Wan-14B and CogVideoX shapes."""
+    the Wan-14B and CogVideoX shapes (``shortlist``: only GLUON_SHORTLIST's rows)."""
     from qvgen_kernels.attention_triton import AttentionConfig, attention_from_codes, quantize_qkv
     bench = _bench()
     res = out.setdefault("attention", {})
@@ -71,7 +71,7 @@ def bench_attention_sweep(out: dict, tiny: bool, save, gluon: bool = False):
         o = torch.empty_like(q)
         ref = sdpa(q, k, v)
         sweep_res = []
-        rows = GLUON_SWEEP if gluon else (TINY_SWEEPS if tiny else SWEEPS)[D]
+        rows = (GLUON_SHORTLIST if shortlist else GLUON_SWEEP) if gluon else (TINY_SWEEPS if tiny else SWEEPS)[D]
         for cfg in (AttentionConfig(*t) for t in rows):
             try:
                 qkv = quantize_qkv(q, k, v, config=cfg)

@@ -91,7 +91,7 @@ def run_section(section: str, args, out: dict, save):
     elif section == "sweep":
         bench_attention_sweep(out, args.tiny, save)
     elif section == "gluon":        # last: a kernel that has never run could hang the process
-        bench_attention_sweep(out, args.tiny, save, gluon=True)
+        bench_attention_sweep(out, args.tiny, save, gluon=True, shortlist=args.gluon_shortlist)
         columns = GLUON_COLUMNS[:1] if args.skip_gluon_gemm else GLUON_COLUMNS
         for name, spec in MODELS.items():       # each model with the quickest Gluon tiles at its head dim
             if name in out:
@@ -167,6 +167,8 @@ def main():
                    "run_gpu.sh leaves out 'gluon' when the Gluon attention kernel's GPU tests did not pass)")
     p.add_argument("--skip-gluon-gemm", action="store_true", help="the gluon section without its Gluon-GEMM column "
                    "(run_gpu.sh: when the Gluon GEMM's GPU tests did not pass)")
+    p.add_argument("--gluon-shortlist", action="store_true", help="the gluon section sweeps only the fastest row "
+                   "per head dim of the H100 sweep (attention_sweep.GLUON_SHORTLIST) before its whole-model columns")
     p.add_argument("--wan14b-blocks", type=int, default=4)
     p.add_argument("--wan14b-720p-blocks", type=int, default=2)
     p.add_argument("--cogvideox5b-blocks", type=int, default=42)
