@@ -78,6 +78,8 @@ def test_dispatch_and_refusals():
     assert torch.equal(attention(q, k, v, "bf16"), sdpa(q, k, v))
     assert torch.equal(attention(q, k, v, "int8"), quantized_attention_torch(q, k, v))   # CPU: the torch path
     assert default_mode("cpu") == "bf16"
+    if torch.cuda.is_available():       # int8 by default on Hopper only, the one kind it has been validated on
+        assert default_mode("cuda") == ("int8" if torch.cuda.get_device_capability() == (9, 0) else "bf16")
     with pytest.raises(ValueError, match="attention must be one of"):
         check_mode("fp4")
     with pytest.raises(ValueError, match=r"q \[B, Sq, H, D\]"):

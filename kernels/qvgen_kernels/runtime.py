@@ -20,8 +20,8 @@ RUNTIMES = {cls.CLASS_NAME: cls for cls in (WanRuntimeTransformer, CogVideoXRunt
 def load_transformer(folder: os.PathLike, device: torch.device | str = "cpu",
                      attention: Optional[str] = None) -> RuntimeTransformer:
     """The runtime transformer of an export; ``attention`` ``"int8"`` / ``"bf16"`` for the self-attention (the
-    cross-attention to the text stays bf16: ``attention.cross_attention_mode``), None: bf16 until the int8 path is
-    GPU-validated."""
+    cross-attention to the text stays bf16: ``attention.cross_attention_mode``), None: ``attention.default_mode``
+    (int8 on Hopper, bf16 elsewhere)."""
     path = Path(folder) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: {folder} is not an export folder")

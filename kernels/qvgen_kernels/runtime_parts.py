@@ -132,12 +132,13 @@ class RuntimeTransformer(nn.Module):
                 module.gemm_variant = variant
         return self
 
-    def set_fusion(self, enabled: bool = True) -> "RuntimeTransformer":
+    def set_fusion(self, enabled: Optional[bool] = True) -> "RuntimeTransformer":
         """Whether blocks take their fused path (norm + quantization in one kernel, epilogues in the GEMMs) where
-        it applies (quantized linears on the Triton kernels); off: the same math in separate passes."""
+        it applies (quantized linears on the Triton kernels); off: the same math in separate passes. None (the
+        default of a new model): fused on CUDA inputs, unfused on CPU."""
         for module in self.modules():
             if hasattr(module, "fuse"):
-                module.fuse = bool(enabled)
+                module.fuse = None if enabled is None else bool(enabled)
         return self
 
     def enable_cuda_graphs(self, enabled: bool = True) -> "RuntimeTransformer":
@@ -153,7 +154,7 @@ class RuntimeTransformer(nn.Module):
     @classmethod
     def from_export(cls, folder: os.PathLike, device: torch.device | str = "cpu", attention: Optional[str] = None):
         """``attention``: ``"int8"`` or ``"bf16"`` (``set_attention``: the cross-attention to the text stays bf16);
-        None picks ``attention.default_mode(device)`` (bf16 until the int8 path is GPU-validated)."""
+        None picks ``attention.default_mode(device)`` (int8 on Hopper, bf16 elsewhere)."""
         export = load_export(folder)
         declared = export.transformer_config.get("_class_name")
         if declared is not None and declared != cls.CLASS_NAME:
