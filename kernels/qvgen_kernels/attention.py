@@ -43,10 +43,11 @@ def check_mode(mode: str) -> str:
 
 def default_mode(device: torch.device | str) -> str:
     """``"int8"`` on a Hopper GPU (sm_90), ``"bf16"`` elsewhere. On Hopper the int8 path passed its GPU tests on an
-    H100 and an H200 and measured 1.27-1.30x SDPA with cosine >= 0.9992, 0.6 % of a 1.3B-width W4A4 model's final
-    latent after 20 steps (benchmarks/runtime/RESULTS.md, 2026-12-05). sm_89 and Blackwell have fp8 tensor cores too
-    but have never run it: there it is opt-in (``attention="int8"``) until a run of benchmarks/runtime/run_gpu.sh is
-    recorded on one. CPU: bf16 (the int8 torch twin is a reference, not a fast path)."""
+    H100 and ran the whole-model benchmark on an H100 and an H200: 1.27-1.30x SDPA, cosine >= 0.9992, 0.6 % of a
+    1.3B-width W4A4 model's final latent after 20 steps (benchmarks/runtime/RESULTS.md, 2026-12-05). sm_89 and
+    Blackwell have fp8 tensor cores too but have never run it: there it is opt-in (``attention="int8"``) until a run
+    of benchmarks/runtime/run_gpu.sh is recorded on one. CPU: bf16 (the int8 torch twin is a reference, not a fast
+    path)."""
     device = torch.device(device)
     if device.type != "cuda" or interpreter_active() or not torch.cuda.is_available():
         return "bf16"
