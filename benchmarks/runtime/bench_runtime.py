@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))
 from bench_attention import (bench_attention, bench_attention_sweep, bench_sage_attention,  # noqa: E402
                              fastest_gluon_config)
 from bench_sampling import bench_sampling  # noqa: E402
+from captured import captured_attention  # noqa: E402
 from bench_wan import breakdown, build  # noqa: E402
 from columns import (COLUMNS, DEVICE, GLUON_COLUMNS, RUNTIMES, SAGE_COLUMNS, START, inputs, left, make,  # noqa: E402
                      measure, sync)
@@ -72,8 +73,10 @@ TINY = {
 NEW_MODEL_COLUMNS = COLUMNS + SAGE_COLUMNS + GLUON_COLUMNS
 SAGE_MODELS = ("wan1.3b", "wan14b", "cogvideox2b")      # the sage section adds its columns to these rows
 SECTIONS = ("attention,sweep,wan1.3b,quality,profile,wan14b,cogvideox2b,sage,sampling,wan14b_720p,cogvideox5b,"
-            "gluon")
-SECTION_MIN_S = dict(sweep=60, sage=60, sampling=90, wan14b_720p=120, cogvideox5b=120, gluon=60)   # others: 20 s
+            "captured,gluon")
+SECTION_MIN_S = dict(sweep=60, sage=60, sampling=90, wan14b_720p=120, cogvideox5b=120, captured=60,
+                     gluon=60)   # others: 20 s
+CAPTURED_MODELS = ("wan1.3b", "wan14b", "wan14b_720p", "cogvideox2b", "cogvideox5b")
 COMPILE_MIN_S = 150         # compile takes ~1 min, then the forwards
 
 
@@ -102,6 +105,18 @@ def run_section(section: str, args, out: dict, save):
     elif section in MODELS:
         columns = COLUMNS + SAGE_COLUMNS if section in ("wan14b_720p", "cogvideox5b") else COLUMNS
         bench_model(section, MODELS[section], out, args.budget_s, args.reps, save, columns)
+    elif section == "captured":     # the kernel on the runtime's own q, k, v at every sequence length
+        res = out.setdefault("captured_attention", {})
+        for name in CAPTURED_MODELS:
+            if left(args.budget_s) < 20:
+                res[name] = dict(skipped=f"budget: {left(args.budget_s):.0f} s left")
+                continue
+            try:
+                res[name] = captured_attention(MODELS[name])
+            except Exception as e:
+                res[name] = dict(error=repr(e)[:400])
+            print("captured", name, {k: v for k, v in res[name].items() if k != "calls"}, flush=True)
+            save()
     elif section == "quality":
         out["quality"] = flow_quality(MODELS["wan1.3b"], build, RUNTIMES["wan"], inputs, steps=20)
     elif section == "profile":
