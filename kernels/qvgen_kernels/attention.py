@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .triton_env import interpreter_active
+from .triton_env import interpreter_active, on_hopper
 
 MODES = ("bf16", "int8")
 PV_DTYPES = ("fp8", "fp16")
@@ -48,10 +48,7 @@ def default_mode(device: torch.device | str) -> str:
     Blackwell have fp8 tensor cores too but have never run it: there it is opt-in (``attention="int8"``) until a run
     of benchmarks/runtime/run_gpu.sh is recorded on one. CPU: bf16 (the int8 torch twin is a reference, not a fast
     path)."""
-    device = torch.device(device)
-    if device.type != "cuda" or interpreter_active() or not torch.cuda.is_available():
-        return "bf16"
-    return "int8" if torch.cuda.get_device_capability(device) == (9, 0) else "bf16"
+    return "int8" if on_hopper(device) else "bf16"
 
 
 def cross_attention_mode(mode: str, cross: Optional[str] = None) -> str:

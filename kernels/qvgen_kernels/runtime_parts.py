@@ -135,7 +135,7 @@ class RuntimeTransformer(nn.Module):
     def set_fusion(self, enabled: Optional[bool] = True) -> "RuntimeTransformer":
         """Whether blocks take their fused path (norm + quantization in one kernel, epilogues in the GEMMs) where
         it applies (quantized linears on the Triton kernels); off: the same math in separate passes. None (the
-        default of a new model): fused on CUDA inputs, unfused on CPU."""
+        default of a new model): fused on Hopper (sm_90), unfused elsewhere."""
         for module in self.modules():
             if hasattr(module, "fuse"):
                 module.fuse = None if enabled is None else bool(enabled)

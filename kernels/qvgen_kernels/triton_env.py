@@ -22,10 +22,19 @@ def interpreter_active() -> bool:
     return isinstance(tl.standard.max, InterpretedFunction)
 
 
+def on_hopper(where) -> bool:
+    """Whether ``where`` (a tensor or a device) is a Hopper GPU (sm_90), compiled (not the interpreter): the one GPU
+    kind the int8 attention and the fused element-wise kernels have been validated on, so the kind they are the
+    default on."""
+    import torch
+    device = where.device if isinstance(where, torch.Tensor) else torch.device(where)
+    return not interpreter_requested() and device.type == "cuda" and torch.cuda.is_available() and \
+        torch.cuda.get_device_capability(device) == (9, 0)
+
+
 def gluon_runs_on(t) -> bool:
     """Whether the Gluon kernels (written for Hopper's wgmma; Gluon has no interpreter) can run on ``t``'s device."""
-    import torch
-    return not interpreter_requested() and t.is_cuda and torch.cuda.get_device_capability(t.device) == (9, 0)
+    return on_hopper(t)
 
 
 INTERPRETER_HINT = ("set TRITON_INTERPRET=1 before triton is first imported (tests/conftest.py imports "

@@ -29,6 +29,7 @@ from .norm_quant import NormSpec, norm_quantize
 from .qgemm import Epilogue
 from .runtime_parts import (RuntimeConfig, RuntimeTransformer, apply_interleaved_rope, fp32_layer_norm,
                             run_linear, runtime_config, runtime_linear, timestep_sinusoids)
+from .triton_env import on_hopper
 
 _DEFAULTS = dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16,
                  out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
@@ -120,8 +121,8 @@ class _Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, cfg.eps, dtype=dtype) if cfg.cross_attn_norm else None
         self.ffn = _FeedForward(f"{prefix}.ffn", dim, cfg.ffn_dim, quant, dtype)
         self.scale_shift_table = nn.Parameter(torch.zeros(1, 6, dim, dtype=dtype))
-        # forward_fused where it applies: None = on CUDA inputs (the fused kernels' GPU tests pass on the H100 and the
-        # benchmark's int8 columns run them), off on CPU; RuntimeTransformer.set_fusion forces either
+        # forward_fused where it applies: None = on Hopper (the fused kernels' GPU tests pass on the H100 and the
+        # benchmark's int8 columns run them), off elsewhere; RuntimeTransformer.set_fusion forces either
         self.fuse: Optional[bool] = None
 
     def quantized_linears(self):
@@ -131,7 +132,7 @@ class _Block(nn.Module):
     def fusable(self, x) -> bool:
         """The fused path needs every linear it fuses around quantized and on the Triton kernels."""
         linears = self.quantized_linears()
-        fuse = x.is_cuda if self.fuse is None else self.fuse
+        fuse = on_hopper(x) if self.fuse is None else self.fuse
         return fuse and all(isinstance(m, QuantizedLinear) for m in linears) and \
             all(m._use_triton(x) for m in linears) and x.dtype in (torch.bfloat16, torch.float32)
 
