@@ -18,6 +18,7 @@ say which schedules compile to what they were written for, before device time is
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import re
 import subprocess
@@ -38,6 +39,7 @@ from qvgen_kernels.attention import LOG2_P_SCALE  # noqa: E402
 from qvgen_kernels.attention_gluon import _attention_kernel_gluon, descriptor_layouts  # noqa: E402
 from qvgen_kernels.attention_gluon_ws import _attention_kernel_gluon_ws  # noqa: E402
 from qvgen_kernels.attention_triton import AttentionConfig, _attention_kernel, default_config  # noqa: E402
+from qvgen_kernels.attention_triton import _QUANT_ROWS, _qk_pass_kernel, _rstd_kernel  # noqa: E402
 from qvgen_kernels.qgemm import EPILOGUES  # noqa: E402
 from qvgen_kernels.qgemm_gluon import _gemm_gluon_kernel  # noqa: E402
 from qvgen_kernels.qgemm_gluon import tile_layouts as gemm_tile_layouts  # noqa: E402
@@ -161,6 +163,36 @@ def gemm_report(name: str, M: int, N: int, K: int, epilogue: Optional[str], fp8:
                 **ptxas_usage(kernel.asm["ptx"]), k_loop_instructions=len(loop), k_loop_waits=waits,
                 spill_instructions=len(spill_ops),
                 spill_instructions_in_k_loop=sum(min(products) <= e[0] <= max(products) for e in spill_ops))
+
+
+_QK_PASS_TYPES = {"x_ptr": "*bf16", "codes_ptr": "*i8", "scale_ptr": "*fp32", "mean_ptr": "*fp32", "colsum_ptr": "*fp32",
+                  "rstd_ptr": "*fp32", "nw_ptr": "*fp32", "nb_ptr": "*fp32", "cos_ptr": "*fp32", "sin_ptr": "*fp32",
+                  "S": "i32", "stride_b": "i32", "stride_s": "i32", "stride_h": "i32", "rope_start": "i32",
+                  "eps": "fp32", "out_mult": "fp32"}
+
+
+def qk_pass_loads(head_dim: int = 128, block_n: int = 128, heads: int = 40) -> Dict[str, Dict[str, int]]:
+    """Global load and store instructions a thread issues in each Q / K pass with Wan's prep (RMSNorm over the
+    token, RoPE), launched as ``quantize_q`` / ``quantize_k`` launch them: the Q pass, K's column sums, the K codes,
+    and the rstd pass. The passes are memory-bound; a head's channels read as 128-bit loads or as 16-bit ones made
+    them 3.5x apart on the H100 (RESULTS.md)."""
+    aligned = [n for n in _QK_PASS_TYPES if n.endswith("_ptr")] + ["stride_b", "stride_s", "stride_h"]
+    d2 = head_dim // 2
+    out = {}
+    for name, mode, blk, warps in (("q", 0, _QUANT_ROWS, 4), ("k_colsum", 2, block_n, 8), ("k_codes", 1, block_n, 8)):
+        kernel = _compile(_qk_pass_kernel, _QK_PASS_TYPES, dict(D2=d2, BLK=blk, NORM=1, ROPE=True, MODE=mode),
+                          aligned, dict(num_warps=warps, num_stages=1, enable_fp_fusion=False))
+        out[name] = _memory_ops(kernel)
+    types = {n: _QK_PASS_TYPES[n] for n in ("x_ptr", "rstd_ptr", "S", "stride_b", "stride_s", "stride_h", "eps")}
+    kernel = _compile(_rstd_kernel, types, dict(H=heads, D2=d2, BLK=_QUANT_ROWS), aligned,
+                      dict(num_warps=4, num_stages=1, enable_fp_fusion=False))
+    out["rstd"] = _memory_ops(kernel)
+    return out
+
+
+def _memory_ops(kernel) -> Dict[str, int]:
+    ops = collections.Counter(e[1] for e in sass(kernel.asm["cubin"]) if e[0] != "label")
+    return {op: n for op, n in sorted(ops.items()) if op.startswith(("LDG", "STG"))}
 
 
 def ptxas_usage(ptx: str) -> Dict[str, int]:
