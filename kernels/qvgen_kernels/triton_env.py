@@ -6,6 +6,7 @@ The interpreter is chosen when a function is decorated, so ``TRITON_INTERPRET=1`
 """
 from __future__ import annotations
 
+import functools
 import os
 
 
@@ -28,8 +29,16 @@ def on_hopper(where) -> bool:
     default on."""
     import torch
     device = where.device if isinstance(where, torch.Tensor) else torch.device(where)
-    return not interpreter_requested() and device.type == "cuda" and torch.cuda.is_available() and \
-        torch.cuda.get_device_capability(device) == (9, 0)
+    if interpreter_requested() or device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    return _is_sm90(torch.cuda.current_device() if device.index is None else device.index)
+
+
+@functools.lru_cache(maxsize=None)
+def _is_sm90(index: int) -> bool:
+    """Asked by every Wan block at every forward (``fusable``): the capability is read once a device."""
+    import torch
+    return torch.cuda.get_device_capability(index) == (9, 0)
 
 
 def gluon_runs_on(t) -> bool:
